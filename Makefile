@@ -1,0 +1,40 @@
+# flagjax: `make run` trains on the embedded default, `make test` runs lint + the test suite.
+# Both create or refresh the local virtual environment (.venv) first.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+DEVICES ?= 8
+
+.PHONY: venv data run demo test lint bench clean
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+# Real Fashion-MNIST, offline, from Debian's dataset-fashion-mnist package (installed when root).
+data:
+	@bash scripts/get_data.sh
+
+demo: venv
+	$(VENV)/bin/flagjax demo
+
+run: venv data
+	$(VENV)/bin/flagjax demo
+
+lint: venv
+	$(VENV)/bin/ruff check flagjax tests benchmarks experiments scripts
+	$(VENV)/bin/ruff format --check flagjax tests benchmarks experiments scripts
+
+test: lint
+	XLA_FLAGS=--xla_force_host_platform_device_count=$(DEVICES) $(PY) -m pytest -q tests
+
+bench: venv
+	$(PY) benchmarks/aggregation.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -1,0 +1,460 @@
+"""The Flag Aggregator's flag-median solver, in Gram space.
+
+Paper: Almasi, Mishra, Vamanan, Ravi, "Flag Aggregator: Scalable Distributed Training under Failures
+and Augmented Losses using Convex Optimization", ICLR 2024 (arXiv 2302.05865), Sections 3-4.
+
+Given p worker gradients g_i (rows of ``points``), with unit directions x_i = g_i / ||g_i||, the
+flag median is the r-dimensional subspace span(Y), Y^T Y = I, minimising (paper eq. 5)
+
+    A(Y) = sum_i sqrt(1 - ||Y^T x_i||^2) + lam/(p-1) * sum_{i != j} sqrt(1 - ||Y^T dhat_ij||^2),
+
+with dhat_ij = (x_i - x_j) / ||x_i - x_j||. The pairwise term is built on the *unit* directions (as
+the authors' released code feeds it), not on raw gradients; pairs with x_i = x_j contribute nothing.
+
+IRLS (paper Algorithm 1): with weights a_i = (1 - ||Y_t^T x_i||^2 + eps)^(-1/2) and
+b_ij = lam/(p-1) * (1 - ||Y_t^T dhat_ij||^2 + eps)^(-1/2), Y_{t+1} is the top-r eigenvectors of
+M_t = sum_i a_i x_i x_i^T + sum_{i!=j} b_ij dhat_ij dhat_ij^T. Each step is a majorise-minimise
+step, so A is non-increasing along the iterates (up to eps).
+
+Everything depends on X only through the p x p Gram matrix K = X^T X: M_t = X W_t X^T with
+W_t = diag(a) + Laplacian(2 b_ij / ||d_ij||^2) (p x p, PSD). With W = F F^T and the top-r
+eigenpairs (mu, U) of S = F^T K F, Y = X C with C = F U diag(mu^-1/2) (p x r). One O(d p^2) Gram
+product, then every IRLS step costs O(p^3), independent of d (shared/DESIGN.md section 1.1).
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+__all__ = [
+    "FlagSolution",
+    "FlagStatus",
+    "GramInfo",
+    "flag_median",
+    "gram_matrix",
+    "prepare_gram",
+    "solve_gram",
+    "combine_rows",
+    "unit_rows",
+    "objective",
+    "status_code",
+]
+
+# Column block used by the CPU Gram product. XLA's CPU dot for a (p, 1e6) x (1e6, p) product is
+# ~2x slower than numpy; a scan over (p, 4096) blocks is ~2x *faster* than numpy (measured in
+# benchmarks/aggregation.py). On GPU/TPU a single dot is used.
+_CPU_GRAM_BLOCK = 4096
+
+
+class FlagStatus(enum.IntEnum):
+    """How :func:`flag_median` stopped (the ``status`` field of :class:`FlagSolution`)."""
+
+    CONVERGED = 0  #: relative objective decrease fell below ``tol``.
+    MAX_STEPS = 1  #: ``max_iters`` IRLS steps were taken without meeting ``tol`` (or max_iters=0).
+    NONFINITE_INPUT = 2  #: some rows were non-finite or zero; they got weight 0 (see ``valid``).
+
+
+class FlagSolution(NamedTuple):
+    """Result of :func:`flag_median` (p workers, dimension d, subspace rank r).
+
+    Attributes:
+      basis: (d, r) float, orthonormal columns spanning the flag median. Columns beyond the rank of
+        the valid points are exactly zero.
+      coeffs: (p, r) float, ``basis = unit_rows(points).T @ coeffs``.
+      ratios: (p,) float in [0, 1], reconstruction ratios ||basis^T x_i||^2 (0 for invalid rows).
+      weights: (p,) float, IRLS weights a_i that produced ``basis`` (1 at the flag mean, 0 for invalid).
+      objective: () float, A(basis) including the pairwise term when lam > 0.
+      trace: (max_iters + 1,) float, objective after 0 (flag mean), 1, ... IRLS steps; NaN after stop.
+      num_steps: () int32, IRLS steps taken.
+      status: () int32, a :class:`FlagStatus` code.
+      valid: (p,) bool, rows that were finite and non-zero (the others were ignored).
+    """
+
+    basis: jax.Array
+    coeffs: jax.Array
+    ratios: jax.Array
+    weights: jax.Array
+    objective: jax.Array
+    trace: jax.Array
+    num_steps: jax.Array
+    status: jax.Array
+    valid: jax.Array
+
+
+class GramInfo(NamedTuple):
+    """Gram-space summary of a (p, d) stack, computed in one pass over it (:func:`prepare_gram`).
+
+    Attributes:
+      K: (p, p) Gram matrix of the unit rows x_i (zero rows/columns for invalid rows).
+      norms: (p,) ||g_i|| (0 for invalid rows; may be +inf for finite rows whose norm overflows).
+      valid: (p,) bool, finite and non-zero rows.
+      scale: (p,) per-row prescale used to form K (1 unless the stack held non-finite, zero or
+        overflowing rows); ``combine_rows`` needs it.
+      work_norms: (p,) norms of the prescaled rows ``points / scale`` (1 for invalid rows).
+      safe: () bool, whether the prescaled (slow, second-pass) path was taken.
+    """
+
+    K: jax.Array
+    norms: jax.Array
+    valid: jax.Array
+    scale: jax.Array
+    work_norms: jax.Array
+    safe: jax.Array
+
+
+def _work_dtype(dtype) -> jnp.dtype:
+    """float32 for half/bfloat16 inputs, else the input float dtype."""
+    dtype = jnp.dtype(dtype)
+    if not jnp.issubdtype(dtype, jnp.floating):
+        return jnp.dtype(jnp.float32)
+    return jnp.promote_types(dtype, jnp.float32)
+
+
+def _gram_dense(points: jax.Array) -> jax.Array:
+    return jnp.dot(points, points.T, precision=lax.Precision.HIGHEST)
+
+
+def _gram_blocked(points: jax.Array) -> jax.Array:
+    p, d = points.shape
+    nb, rem = divmod(d, _CPU_GRAM_BLOCK)
+    if nb < 2:
+        return _gram_dense(points)
+
+    def body(acc, i):
+        blk = lax.dynamic_slice_in_dim(points, i * _CPU_GRAM_BLOCK, _CPU_GRAM_BLOCK, axis=1)
+        return acc + _gram_dense(blk), None
+
+    acc, _ = lax.scan(body, jnp.zeros((p, p), points.dtype), jnp.arange(nb))
+    if rem:
+        acc = acc + _gram_dense(points[:, nb * _CPU_GRAM_BLOCK :])
+    return acc
+
+
+def gram_matrix(points: jax.Array) -> jax.Array:
+    """Gram matrix ``points @ points.T`` at full precision.
+
+    Args:
+      points: (p, d) float array.
+
+    Returns:
+      (p, p) array of inner products, same dtype. On CPU it is accumulated over column blocks (a
+      memory-bound single pass that XLA:CPU runs ~4x faster than one large dot); elsewhere it is a
+      single ``precision=HIGHEST`` dot.
+    """
+    return lax.platform_dependent(points, cpu=_gram_blocked, default=_gram_dense)
+
+
+def prepare_gram(points: jax.Array) -> GramInfo:
+    """Unit-direction Gram matrix, norms and validity of a (p, d) stack (DESIGN.md section 1.1).
+
+    Fast path: one Gram product of the raw rows, K_ij = <g_i, g_j> / (||g_i|| ||g_j||). If any
+    diagonal entry is non-finite or not a normal positive number (NaN/Inf rows, zero rows,
+    denormals, norms that overflow), a second pass prescales every row by its max-abs value and
+    zeroes non-finite rows before the Gram product, so no NaN/Inf reaches K.
+
+    Args:
+      points: (p, d) float array (float32/float64; bfloat16/float16 are promoted to float32).
+
+    Returns:
+      A :class:`GramInfo`.
+    """
+    points = jnp.asarray(points, _work_dtype(points.dtype))
+    dtype = points.dtype
+    p = points.shape[0]
+    raw = gram_matrix(points)
+    diag = jnp.diagonal(raw)
+    finfo = jnp.finfo(dtype)
+    fast_ok = jnp.all(jnp.isfinite(diag) & (diag >= finfo.tiny) & (diag <= finfo.max / 4))
+
+    def fast(_):
+        scale = jnp.ones((p,), dtype)
+        return raw, scale, jnp.ones((p,), bool)
+
+    def safe(_):
+        row_finite = jnp.all(jnp.isfinite(points), axis=1)
+        mx = jnp.max(jnp.abs(jnp.where(row_finite[:, None], points, 0)), axis=1)
+        ok = row_finite & (mx > 0)
+        scale = jnp.where(ok, mx, 1).astype(dtype)
+        z = jnp.where(ok[:, None], points / scale[:, None], 0)
+        return gram_matrix(z), scale, ok
+
+    kw, scale, ok = lax.cond(fast_ok, fast, safe, None)
+    wdiag = jnp.diagonal(kw)
+    valid = ok & (wdiag > 0) & jnp.isfinite(wdiag)
+    work_norms = jnp.where(valid, jnp.sqrt(jnp.where(valid, wdiag, 1)), 1)
+    K = kw / (work_norms[:, None] * work_norms[None, :])
+    K = jnp.where(valid[:, None] & valid[None, :], K, 0)
+    K = jnp.clip(K, -1, 1)
+    K = K.at[jnp.diag_indices(p)].set(valid.astype(dtype))
+    norms = jnp.where(valid, scale * work_norms, 0)
+    return GramInfo(K, norms, valid, scale, work_norms, ~fast_ok)
+
+
+def combine_rows(points: jax.Array, q: jax.Array, info: GramInfo) -> jax.Array:
+    """Linear combination of the unit rows: returns sum_i q_i x_i = X q, shape (d,).
+
+    One pass over ``points``; invalid rows are skipped (their q_i is ignored), so NaN/Inf rows never
+    reach the output.
+
+    Args:
+      points: (p, d) the stack given to :func:`prepare_gram`.
+      q: (p,) coefficients on the unit directions x_i.
+      info: the :class:`GramInfo` of ``points``.
+    """
+    points = jnp.asarray(points, info.K.dtype)
+    c = jnp.where(info.valid, q / info.work_norms, 0).astype(points.dtype)
+
+    def fast(pts):
+        return jnp.dot(c, pts, precision=lax.Precision.HIGHEST)
+
+    def safe(pts):
+        z = jnp.where(info.valid[:, None], pts / info.scale[:, None], 0)
+        return jnp.dot(c, z, precision=lax.Precision.HIGHEST)
+
+    return lax.cond(info.safe, safe, fast, points)
+
+
+def unit_rows(points: jax.Array) -> jax.Array:
+    """Rows divided by their norms; non-finite or zero rows become 0. (p, d) -> (p, d)."""
+    points = jnp.asarray(points, _work_dtype(points.dtype))
+    finite = jnp.all(jnp.isfinite(points), axis=1, keepdims=True)
+    mx = jnp.max(jnp.abs(jnp.where(finite, points, 0)), axis=1, keepdims=True)
+    ok = finite & (mx > 0)
+    z = jnp.where(ok, points / jnp.where(ok, mx, 1), 0)
+    n = jnp.linalg.norm(z, axis=1, keepdims=True)
+    return jnp.where(ok, z / jnp.where(ok, n, 1), 0)
+
+
+class _Geometry(NamedTuple):
+    K: jax.Array  # (p, p) unit Gram
+    valid: jax.Array  # (p,) bool
+    D: jax.Array  # (p, p) ||x_i - x_j||^2
+    pair_ok: jax.Array  # (p, p) bool: i != j, both valid, x_i != x_j
+
+
+def _geometry(K: jax.Array, valid: jax.Array) -> _Geometry:
+    p = K.shape[0]
+    dg = jnp.diagonal(K)
+    D = jnp.maximum(dg[:, None] + dg[None, :] - 2 * K, 0)
+    tiny = 64 * jnp.finfo(K.dtype).eps
+    pair_ok = valid[:, None] & valid[None, :] & ~jnp.eye(p, dtype=bool) & (D > tiny)
+    return _Geometry(K, valid, D, pair_ok)
+
+
+def _pair_coef(lam, p: int, dtype):
+    return jnp.asarray(lam, dtype) / max(p - 1, 1)
+
+
+def _basis_coeffs(geo: _Geometry, a: jax.Array, b: jax.Array, r: int) -> jax.Array:
+    """Top-r eigenvectors of X W X^T as p x r coefficients C (Y = X C); zero columns past the rank."""
+    K, D, pair_ok = geo.K, geo.D, geo.pair_ok
+    dtype = K.dtype
+    Bt = jnp.where(pair_ok, 2 * b / jnp.where(pair_ok, D, 1), 0)
+    W = jnp.diag(a + Bt.sum(axis=1)) - Bt
+    W = (W + W.T) / 2
+    wl, Q = jnp.linalg.eigh(W)
+    F = Q * jnp.sqrt(jnp.maximum(wl, 0))[None, :]
+    S = F.T @ K @ F
+    S = (S + S.T) / 2
+    mu, U = jnp.linalg.eigh(S)  # ascending
+    mu = mu[::-1][:r]
+    U = U[:, ::-1][:, :r]
+    rtol = 8 * K.shape[0] * jnp.finfo(dtype).eps
+    keep = mu > rtol * jnp.maximum(mu[0], jnp.finfo(dtype).tiny)
+    inv = jnp.where(keep, 1 / jnp.sqrt(jnp.where(keep, mu, 1)), 0)
+    return (F @ U) * inv[None, :]
+
+
+def _evaluate(geo: _Geometry, C: jax.Array, lam, eps):
+    """Objective A(Y) and the next IRLS weights (a, b) for Y = X C."""
+    K, valid, D, pair_ok = geo
+    p = K.shape[0]
+    dtype = K.dtype
+    V = K @ C  # row i = Y^T x_i
+    ratios = jnp.where(valid, jnp.clip(jnp.sum(V * V, axis=1), 0, 1), 0)
+    s = jnp.where(valid, 1 - ratios, 0)
+    diff = V[:, None, :] - V[None, :, :]
+    u = jnp.sum(diff * diff, axis=-1) / jnp.where(pair_ok, D, 1)
+    t = jnp.where(pair_ok, 1 - jnp.clip(u, 0, 1), 0)
+    coef = _pair_coef(lam, p, dtype)
+    obj = jnp.sum(jnp.sqrt(s)) + coef * jnp.sum(jnp.sqrt(t))
+    a = jnp.where(valid, lax.rsqrt(s + eps), 0)
+    b = jnp.where(pair_ok, coef * lax.rsqrt(t + eps), 0)
+    return obj, ratios, a, b
+
+
+class _State(NamedTuple):
+    C: jax.Array
+    weights: jax.Array
+    obj: jax.Array
+    ratios: jax.Array
+    next_a: jax.Array
+    next_b: jax.Array
+    step: jax.Array
+    trace: jax.Array
+    converged: jax.Array
+
+
+def _reorthonormalise(K: jax.Array, C: jax.Array) -> jax.Array:
+    """C -> C L^-T with C^T K C = L L^T (Gram-Schmidt in the K metric), so (X C)^T (X C) = I to
+    working precision; column order is kept, zero columns stay zero, and each column's sign is fixed
+    so that its inner product with sum_i x_i is >= 0 (a canonical basis for jit/eager comparisons)."""
+    r = C.shape[1]
+    Gm = C.T @ K @ C
+    Gm = (Gm + Gm.T) / 2
+    zero = jnp.diagonal(Gm) < 0.5
+    Gm = jnp.where(zero[:, None] | zero[None, :], 0, Gm) + jnp.diag(zero.astype(C.dtype))
+    L = jnp.linalg.cholesky(Gm)
+    C = jax.scipy.linalg.solve_triangular(L, C.T, lower=True).T
+    C = jnp.where(zero[None, :], 0, C)
+    side = jnp.sum(K @ C, axis=0)
+    return C * jnp.where(side < 0, -1, 1).astype(C.dtype)[None, :r]
+
+
+def solve_gram(
+    K: jax.Array,
+    valid: jax.Array,
+    lam=0.0,
+    eps=1e-6,
+    tol=1e-5,
+    *,
+    r: int,
+    max_iters: int = 10,
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array, jax.Array, jax.Array, jax.Array]:
+    """Flag-median IRLS entirely in p-space (the inner solver of :func:`flag_median`).
+
+    Args:
+      K: (p, p) Gram matrix of unit directions (zero rows/columns and diagonal for invalid rows).
+      valid: (p,) bool mask of rows that take part.
+      lam, eps, tol: scalars (traced; vmap over them): pairwise weight, IRLS smoothing, and the
+        relative objective decrease below which the loop stops.
+      r: static subspace rank, 1 <= r <= p.
+      max_iters: static maximum number of IRLS steps after the flag-mean start.
+
+    Returns:
+      (C, ratios, weights, objective, trace, num_steps, converged): C is (p, r) with Y = X C.
+    """
+    p = K.shape[0]
+    dtype = K.dtype
+    lam = jnp.asarray(lam, dtype)
+    eps = jnp.asarray(eps, dtype)
+    tol = jnp.asarray(tol, dtype)
+    geo = _geometry(K, valid)
+    a0 = valid.astype(dtype)
+    b0 = jnp.where(geo.pair_ok, _pair_coef(lam, p, dtype), 0)
+    C0 = _basis_coeffs(geo, a0, b0, r)
+    obj0, ratios0, na, nb = _evaluate(geo, C0, lam, eps)
+    trace0 = jnp.full((max_iters + 1,), jnp.nan, dtype).at[0].set(obj0)
+    state = _State(C0, a0, obj0, ratios0, na, nb, jnp.int32(0), trace0, jnp.array(False))
+
+    def cond(st: _State):
+        return (st.step < max_iters) & ~st.converged
+
+    def body(st: _State):
+        C = _basis_coeffs(geo, st.next_a, st.next_b, r)
+        obj, ratios, na, nb = _evaluate(geo, C, lam, eps)
+        dec = (st.obj - obj) / jnp.maximum(jnp.abs(st.obj), jnp.finfo(dtype).tiny)
+        step = st.step + 1
+        return _State(
+            C, st.next_a, obj, ratios, na, nb, step, st.trace.at[step].set(obj), dec < tol
+        )
+
+    st = lax.while_loop(cond, body, state)
+    C = _reorthonormalise(K, st.C)
+    return C, st.ratios, st.weights, st.obj, st.trace, st.step, st.converged
+
+
+def status_code(valid: jax.Array, converged: jax.Array) -> jax.Array:
+    """() int32 :class:`FlagStatus`: NONFINITE_INPUT if any row was dropped, else CONVERGED/MAX_STEPS."""
+    return jnp.where(
+        ~jnp.all(valid),
+        FlagStatus.NONFINITE_INPUT,
+        jnp.where(converged, FlagStatus.CONVERGED, FlagStatus.MAX_STEPS),
+    ).astype(jnp.int32)
+
+
+def _check_points(points, r):
+    if not hasattr(points, "ndim") or points.ndim != 2:
+        raise ValueError(
+            f"points must be a (p, d) array (one row per worker); got shape "
+            f"{getattr(points, 'shape', type(points).__name__)}"
+        )
+    p = points.shape[0]
+    if p < 1 or points.shape[1] < 1:
+        raise ValueError(f"points must have p >= 1 rows and d >= 1 columns; got {points.shape}")
+    if isinstance(r, bool) or not isinstance(r, int):
+        raise ValueError(f"r must be a Python int (static), got {r!r}")
+    if not 1 <= r <= p:
+        raise ValueError(f"r must satisfy 1 <= r <= p = {p}; got r = {r}")
+
+
+def _check_iters(max_iters):
+    if isinstance(max_iters, bool) or not isinstance(max_iters, int) or max_iters < 0:
+        raise ValueError(f"max_iters must be a non-negative Python int (static); got {max_iters!r}")
+
+
+def flag_median(
+    points: jax.Array,
+    r: int,
+    *,
+    lam=0.0,
+    eps=1e-6,
+    max_iters: int = 10,
+    tol=1e-5,
+) -> FlagSolution:
+    """Flag median of the rows of ``points`` by IRLS in Gram space (paper eq. 5, Algorithm 1).
+
+    Starts from the flag mean (all weights 1, pairwise weights lam/(p-1)), then runs up to
+    ``max_iters`` IRLS steps, stopping when (A_{t-1} - A_t) / |A_{t-1}| < tol. Non-finite and zero
+    rows get weight 0 and are reported in ``valid``/``status``. Jit with ``r``/``max_iters`` static;
+    ``lam``, ``eps`` and ``tol`` are traced, so ``jax.vmap`` over them (or over a batch of stacks)
+    works.
+
+    Args:
+      points: (p, d) float array, one row per worker (normalised inside; any positive scale of a row
+        gives the same solution).
+      r: static int, 1 <= r <= p, dimension of the subspace.
+      lam: scalar >= 0, weight of the pairwise regulariser (on unit directions).
+      eps: scalar > 0, IRLS smoothing in a_i = (1 - v_i + eps)^(-1/2).
+      max_iters: static int >= 0, maximum IRLS steps after the flag mean (0 returns the flag mean).
+      tol: scalar, relative objective decrease that stops the loop.
+
+    Returns:
+      A :class:`FlagSolution`; float dtype is float32, or float64 for float64 input.
+    """
+    _check_points(points, r)
+    _check_iters(max_iters)
+    points = jnp.asarray(points)
+    info = prepare_gram(points)
+    C, ratios, weights, obj, trace, steps, converged = solve_gram(
+        info.K, info.valid, lam, eps, tol, r=r, max_iters=max_iters
+    )
+    X = unit_rows(points)
+    basis = jnp.dot(X.T, C, precision=lax.Precision.HIGHEST)
+    status = status_code(info.valid, converged)
+    return FlagSolution(basis, C, ratios, weights, obj, trace, steps, status, info.valid)
+
+
+def objective(points: jax.Array, basis: jax.Array, *, lam=0.0) -> jax.Array:
+    """The flag-median objective A(Y) of paper eq. 5 for an orthonormal ``basis`` (d, r).
+
+    Direct d-space evaluation (no IRLS), for checking solutions: invalid rows are ignored.
+    """
+    X = unit_rows(points)
+    p = X.shape[0]
+    valid = jnp.any(X != 0, axis=1)
+    proj = X @ basis
+    v = jnp.clip(jnp.sum(proj * proj, axis=1), 0, 1)
+    term1 = jnp.sum(jnp.where(valid, jnp.sqrt(1 - v), 0))
+    diff = X[:, None, :] - X[None, :, :]
+    n2 = jnp.sum(diff * diff, axis=-1)
+    geo = _geometry(X @ X.T, valid)
+    pd = jnp.einsum("ijd,dr->ijr", diff, basis)
+    u = jnp.sum(pd * pd, axis=-1) / jnp.where(geo.pair_ok, n2, 1)
+    term2 = jnp.sum(jnp.where(geo.pair_ok, jnp.sqrt(1 - jnp.clip(u, 0, 1)), 0))
+    return term1 + _pair_coef(lam, p, X.dtype) * term2

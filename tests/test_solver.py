@@ -1,0 +1,203 @@
+"""The Gram-space flag-median solver against a dense float64 reference, and its invariances."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from reference import dense_flag_median, projector_distance
+
+from flagjax import solver
+from flagjax.solver import FlagStatus, flag_median
+
+
+def _points(rng, p, d, spread=1.0):
+    return rng.normal(size=d)[None] * 2 + spread * rng.normal(size=(p, d))
+
+
+CASES = [(5, 4, 2), (7, 50, 3), (15, 300, 8), (15, 40, 15), (10, 1000, 1)]
+
+
+@pytest.mark.parametrize("p,d,r", CASES)
+@pytest.mark.parametrize("lam", [0.0, 0.7, 4.0])
+def test_matches_dense_reference(x64, p, d, r, lam):
+    rng = np.random.default_rng(p * 100 + d + int(lam * 10))
+    g = _points(rng, p, d)
+    sol = flag_median(jnp.asarray(g), r, lam=lam, max_iters=6, tol=-np.inf)
+    Y, trace = dense_flag_median(g, r, lam=lam, iters=6)
+    B = np.asarray(sol.basis)
+    chex.assert_shape(sol.basis, (d, r))
+    chex.assert_shape(sol.coeffs, (p, r))
+    chex.assert_shape(sol.trace, (7,))
+    chex.assert_type(sol.basis, jnp.float64)
+    assert projector_distance(B, Y) < 1e-6
+    # r == p: every point lies in the subspace and the objective is pure rounding noise
+    np.testing.assert_allclose(np.asarray(sol.trace), trace, rtol=1e-9, atol=1e-5 if r == p else 1e-8)
+    np.testing.assert_allclose(B.T @ B, np.eye(r), atol=1e-9)
+    assert int(sol.num_steps) == 6
+    assert int(sol.status) == FlagStatus.MAX_STEPS
+    # the solver's objective equals a direct d-space evaluation of paper eq. 5
+    np.testing.assert_allclose(
+        float(sol.objective), float(solver.objective(g, B, lam=lam)), rtol=1e-9, atol=1e-5 if r == p else 1e-8
+    )
+
+
+def test_basis_is_unit_rows_times_coeffs(x64):
+    g = _points(np.random.default_rng(0), 9, 70)
+    sol = flag_median(jnp.asarray(g), 4)
+    np.testing.assert_allclose(np.asarray(solver.unit_rows(g).T @ sol.coeffs), sol.basis, atol=1e-12)
+    X = g / np.linalg.norm(g, axis=1, keepdims=True)
+    np.testing.assert_allclose(np.sum((X @ np.asarray(sol.basis)) ** 2, 1), sol.ratios, atol=1e-12)
+
+
+@pytest.mark.parametrize("lam", [0.0, 2.0])
+def test_objective_non_increasing(x64, lam):
+    rng = np.random.default_rng(3)
+    for trial in range(5):
+        g = _points(rng, 12, 200, spread=0.5 + trial)
+        g[:3] = rng.uniform(size=(3, 200)) * 50
+        sol = flag_median(jnp.asarray(g), 5, lam=lam, max_iters=20, tol=-np.inf, eps=1e-10)
+        tr = np.asarray(sol.trace)
+        # majorise-minimise: monotone up to the eps smoothing (sqrt(eps) per term)
+        assert np.all(np.diff(tr) <= 1e-4), tr
+
+
+def test_float32_orthonormal_and_close_to_float64():
+    g = _points(np.random.default_rng(1), 15, 5000).astype(np.float32)
+    sol = flag_median(jnp.asarray(g), 8, max_iters=5)
+    chex.assert_type(sol.basis, jnp.float32)
+    B = np.asarray(sol.basis, np.float64)
+    np.testing.assert_allclose(B.T @ B, np.eye(8), atol=1e-4)
+    Y, _ = dense_flag_median(g.astype(np.float64), 8, iters=int(sol.num_steps))
+    assert projector_distance(B, Y) < 1e-3
+
+
+def test_converges_and_reports_status():
+    g = _points(np.random.default_rng(2), 10, 300)
+    sol = flag_median(jnp.asarray(g), 3, max_iters=200, tol=1e-6)
+    assert int(sol.status) == FlagStatus.CONVERGED
+    assert 0 < int(sol.num_steps) < 200
+    tr = np.asarray(sol.trace)
+    assert np.all(np.isnan(tr[int(sol.num_steps) + 1 :]))
+    assert np.all(np.isfinite(tr[: int(sol.num_steps) + 1]))
+
+
+def test_max_iters_zero_is_flag_mean(x64):
+    g = _points(np.random.default_rng(4), 8, 60)
+    sol = flag_median(jnp.asarray(g), 3, max_iters=0)
+    Y, _ = dense_flag_median(g, 3, iters=0)
+    assert projector_distance(np.asarray(sol.basis), Y) < 1e-9
+    np.testing.assert_array_equal(np.asarray(sol.weights), np.ones(8))
+    assert int(sol.num_steps) == 0 and int(sol.status) == FlagStatus.MAX_STEPS
+
+
+def test_permutation_and_scale_invariance(x64):
+    rng = np.random.default_rng(5)
+    g = _points(rng, 11, 90)
+    perm = rng.permutation(11)
+    scales = rng.uniform(0.01, 100, size=11)
+    for lam in (0.0, 1.5):
+        a = flag_median(jnp.asarray(g), 5, lam=lam, max_iters=8, tol=-np.inf)
+        b = flag_median(jnp.asarray(g[perm]), 5, lam=lam, max_iters=8, tol=-np.inf)
+        c = flag_median(jnp.asarray(g * scales[:, None]), 5, lam=lam, max_iters=8, tol=-np.inf)
+        assert projector_distance(np.asarray(a.basis), np.asarray(b.basis)) < 1e-8
+        assert projector_distance(np.asarray(a.basis), np.asarray(c.basis)) < 1e-8
+        np.testing.assert_allclose(np.asarray(a.ratios)[perm], b.ratios, atol=1e-9)
+        np.testing.assert_allclose(a.ratios, c.ratios, atol=1e-9)
+        np.testing.assert_allclose(a.trace, c.trace, rtol=1e-9)
+
+
+def test_jit_equals_eager_and_vmap_over_hyperparameters(x64):
+    # float64 so that the comparison sees the computation, not float32 rounding amplified by IRLS
+    g = jnp.asarray(_points(np.random.default_rng(6), 9, 120))
+    run = lambda lam, eps, tol: flag_median(g, 4, lam=lam, eps=eps, tol=tol, max_iters=7)
+    eager = run(0.5, 1e-6, 1e-5)
+    jitted = jax.jit(run)(0.5, 1e-6, 1e-5)
+    chex.assert_trees_all_close(eager, jitted, atol=1e-9)
+    lams = jnp.array([0.0, 0.5, 2.0, 8.0])
+    eps = jnp.array([1e-6, 1e-4, 1e-6, 1e-3])
+    tols = jnp.array([1e-5, 1e-3, 0.0, 1e-5])
+    batched = jax.jit(jax.vmap(run))(lams, eps, tols)
+    for i in range(4):
+        one = run(float(lams[i]), float(eps[i]), float(tols[i]))
+        chex.assert_trees_all_close(jax.tree.map(lambda x: x[i], batched), one, atol=1e-9)
+
+
+def test_vmap_over_point_sets():
+    rng = np.random.default_rng(7)
+    gs = jnp.asarray(np.stack([_points(rng, 6, 50) for _ in range(3)]), jnp.float32)
+    gs = gs.at[1, 2].set(jnp.nan)  # one batch member takes the non-finite path
+    batched = jax.vmap(lambda g: flag_median(g, 3, max_iters=4))(gs)
+    for i in range(3):
+        one = flag_median(gs[i], 3, max_iters=4)
+        chex.assert_trees_all_close(jax.tree.map(lambda x: x[i], batched), one, atol=1e-5)
+
+
+def test_rank_deficient_and_duplicate_rows(x64):
+    rng = np.random.default_rng(8)
+    v = rng.normal(size=40)
+    g = np.stack([v * s for s in (1, 2, 3, 0.5)] + [rng.normal(size=40)])  # rank 2
+    sol = flag_median(jnp.asarray(g), 4, lam=1.0, max_iters=5)
+    B = np.asarray(sol.basis)
+    assert np.all(np.isfinite(B))
+    G = B.T @ B
+    # columns past the rank are zero; the others orthonormal
+    nz = np.linalg.norm(B, axis=0) > 0.5
+    assert nz.sum() == 2
+    np.testing.assert_allclose(G[np.ix_(nz, nz)], np.eye(2), atol=1e-9)
+    np.testing.assert_allclose(sol.ratios, 1.0, atol=1e-9)
+
+
+def test_nonfinite_and_zero_rows_are_dropped(x64):
+    rng = np.random.default_rng(9)
+    g = _points(rng, 8, 30)
+    ref = flag_median(jnp.asarray(g[3:]), 3, max_iters=5)
+    bad = g.copy()
+    bad[0] = np.nan
+    bad[1, 4] = np.inf
+    bad[2] = 0.0
+    sol = flag_median(jnp.asarray(bad), 3, max_iters=5)
+    assert int(sol.status) == FlagStatus.NONFINITE_INPUT
+    np.testing.assert_array_equal(np.asarray(sol.valid), [False] * 3 + [True] * 5)
+    np.testing.assert_array_equal(np.asarray(sol.weights)[:3], 0)
+    assert projector_distance(np.asarray(sol.basis), np.asarray(ref.basis)) < 1e-8
+
+
+def test_huge_and_tiny_rows_keep_their_direction():
+    rng = np.random.default_rng(10)
+    g = _points(rng, 6, 30).astype(np.float32)
+    ref = flag_median(jnp.asarray(g), 3, max_iters=3)
+    g2 = g.copy()
+    g2[0] *= 1e37  # squared norm overflows float32
+    g2[1] *= 1e-30  # squared norm underflows float32
+    sol = flag_median(jnp.asarray(g2), 3, max_iters=3)
+    assert bool(jnp.all(sol.valid))
+    np.testing.assert_allclose(sol.ratios, ref.ratios, atol=1e-4)
+    # denormal rows: XLA:CPU flushes denormals to zero, so such a row may be dropped as a zero row,
+    # but it never produces a non-finite result
+    g3 = g.copy()
+    g3[1] *= 1e-41
+    sol = flag_median(jnp.asarray(g3), 3, max_iters=3)
+    assert np.all(np.isfinite(np.asarray(sol.basis)))
+    assert np.all(np.asarray(sol.valid)[[0, 2, 3, 4, 5]])
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"r": 0}, "r must satisfy"),
+        ({"r": 7}, "r must satisfy"),
+        ({"r": 2.0}, "r must be a Python int"),
+        ({"r": 2, "max_iters": -1}, "max_iters"),
+    ],
+)
+def test_bad_arguments(kwargs, match):
+    g = jnp.ones((6, 4))
+    r = kwargs.pop("r")
+    with pytest.raises(ValueError, match=match):
+        flag_median(g, r, **kwargs)
+
+
+def test_bad_points_rank():
+    with pytest.raises(ValueError, match="points must be a"):
+        flag_median(jnp.ones(5), 1)
