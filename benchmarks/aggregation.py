@@ -108,8 +108,10 @@ def render(p, rows, cmd) -> str:
     for d, t in rows:
         lines.append(f"| {d:.0e} | " + " | ".join(f"{t[n]:.2f}" if n in t else "—" for n in names) + " |")
     lines += ["", "## Ratios (targets from the foundation issue)", ""]
-    lines.append("| d | flag/numpy Gram (≤ 1.5) | flag/mean | flag lam=1 / lam=0 (≤ 1.5) | "
-                 "dense/flag lam=0 (≥ 50 at 1e6) | dense/flag lam=1 (≥ 100 at 1e5) |")
+    lines.append(
+        "| d | flag/numpy Gram (≤ 1.5) | flag/mean | flag lam=1 / lam=0 (≤ 1.5) | "
+        "dense/flag lam=0 (≥ 50 at 1e6) | dense/flag lam=1 (≥ 100 at 1e5) |"
+    )
     lines.append("|---|---|---|---|---|---|")
     for d, t in rows:
         f0, f1 = t["flag lam=0"], t["flag lam=1"]

@@ -116,7 +116,8 @@ def flatten_stack(grads: Any) -> tuple[jax.Array, Callable[[jax.Array], Any]]:
     def unflatten(v):
         parts = jnp.split(v, splits)
         return jax.tree_util.tree_unflatten(
-            treedef, [part.reshape(s).astype(x.dtype) for part, s, x in zip(parts, shapes, leaves)]
+            treedef,
+            [part.reshape(s).astype(x.dtype) for part, s, x in zip(parts, shapes, leaves, strict=True)],
         )
 
     return stack, unflatten
@@ -265,9 +266,7 @@ def flag_with_info(
     coefficients = jnp.where(info.valid, q / jnp.where(info.valid, info.norms, 1), 0)
     status = solver.status_code(info.valid, converged)
     out_dtype = stack.dtype if jnp.issubdtype(stack.dtype, jnp.floating) else dtype
-    return agg.astype(out_dtype), FlagInfo(
-        ratios, weights, coefficients, obj, steps, status, info.valid
-    )
+    return agg.astype(out_dtype), FlagInfo(ratios, weights, coefficients, obj, steps, status, info.valid)
 
 
 def flag(stack: jax.Array, **kwargs) -> jax.Array:

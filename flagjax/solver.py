@@ -360,9 +360,7 @@ def solve_gram(
         obj, ratios, na, nb = _evaluate(geo, C, lam, eps)
         dec = (st.obj - obj) / jnp.maximum(jnp.abs(st.obj), jnp.finfo(dtype).tiny)
         step = st.step + 1
-        return _State(
-            C, st.next_a, obj, ratios, na, nb, step, st.trace.at[step].set(obj), dec < tol
-        )
+        return _State(C, st.next_a, obj, ratios, na, nb, step, st.trace.at[step].set(obj), dec < tol)
 
     st = lax.while_loop(cond, body, state)
     C = _reorthonormalise(K, st.C)

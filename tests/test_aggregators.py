@@ -72,7 +72,10 @@ def test_flag_permutation_and_scale_invariance(x64):
 
 def test_pytree_equals_flattened():
     rng = np.random.default_rng(5)
-    tree = {"w": jnp.asarray(rng.normal(size=(6, 3, 4)), jnp.float32), "b": jnp.asarray(rng.normal(size=(6, 5)))}
+    tree = {
+        "w": jnp.asarray(rng.normal(size=(6, 3, 4)), jnp.float32),
+        "b": jnp.asarray(rng.normal(size=(6, 5))),
+    }
     flat = jnp.concatenate([tree["b"].reshape(6, -1), tree["w"].reshape(6, -1)], axis=1)
     for name in ("mean", "flag"):
         out = flagjax.aggregate(name, tree, f=1)
