@@ -1,0 +1,236 @@
+"""Aggregation rules on a (p, d) stack of worker gradients, and the registry that names them.
+
+Every rule is a pure function ``fn(stack, *, f, key, **hparams) -> (d,)`` on a (p, d) float array,
+where ``f`` is the declared number of Byzantine workers and ``key`` a PRNG key (ignored by
+deterministic rules). :func:`aggregate` is the front door: it accepts a (p, d) array or a pytree whose
+leaves share the leading axis p, checks the arguments, and returns the same structure without that
+axis. Jit it with the rule name, ``f`` and structural hyperparameters (``r``, ``max_iters``,
+``output``) static.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+__all__ = [
+    "Rule",
+    "PreAggregator",
+    "aggregate",
+    "names",
+    "pre_names",
+    "get",
+    "get_pre",
+    "register",
+    "register_pre",
+    "flatten_stack",
+    "sanitize_rows",
+    "parse_spec",
+]
+
+
+def _any_f(p: int) -> int:
+    return p - 1
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+    """A registered aggregation rule.
+
+    Attributes:
+      name: registry name.
+      fn: ``fn(stack, *, f, key, **hparams) -> (d,)`` on a (p, d) array.
+      max_f: ``max_f(p) -> int``, the largest f the rule is defined for (checked by ``aggregate``).
+      requirement: the (p, f) requirement in words, used in error messages.
+      sanitize: replace non-finite rows by zero rows before ``fn`` (robust rules: a NaN/Inf row is
+        Byzantine input, and a zero row is a bounded stand-in for it). ``mean`` and ``flag`` (which
+        drops such rows itself) do not.
+    """
+
+    name: str
+    fn: Callable[..., jax.Array]
+    max_f: Callable[[int], int] = _any_f
+    requirement: str = "0 <= f < p"
+    sanitize: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class PreAggregator:
+    """A registered pre-aggregation step: ``fn(stack, *, f, key, **hp) -> (p', d)`` stack."""
+
+    name: str
+    fn: Callable[..., jax.Array]
+    max_f: Callable[[int], int] = _any_f
+    requirement: str = "0 <= f < p"
+
+
+_REGISTRY: dict[str, Rule] = {}
+_PRE: dict[str, PreAggregator] = {}
+
+
+def register(rule: Rule) -> Rule:
+    """Add ``rule`` to the registry (a new name only) and return it."""
+    if rule.name in _REGISTRY or rule.name in _PRE:
+        raise ValueError(f"rule {rule.name!r} is already registered")
+    _REGISTRY[rule.name] = rule
+    return rule
+
+
+def register_pre(pre: PreAggregator) -> PreAggregator:
+    """Add a pre-aggregator to the registry (a new name only) and return it."""
+    if pre.name in _PRE or pre.name in _REGISTRY:
+        raise ValueError(f"pre-aggregator {pre.name!r} is already registered")
+    _PRE[pre.name] = pre
+    return pre
+
+
+def names() -> tuple[str, ...]:
+    """Names of all registered rules, sorted."""
+    return tuple(sorted(_REGISTRY))
+
+
+def pre_names() -> tuple[str, ...]:
+    """Names of all registered pre-aggregators, sorted."""
+    return tuple(sorted(_PRE))
+
+
+def get(name: str) -> Rule:
+    """The :class:`Rule` called ``name``; ``KeyError`` naming the known rules otherwise."""
+    try:
+        return _REGISTRY[name]
+    except (KeyError, TypeError):
+        raise KeyError(f"unknown aggregation rule name={name!r}; known rules: {', '.join(names())}") from None
+
+
+def get_pre(name: str) -> PreAggregator:
+    """The :class:`PreAggregator` called ``name``; ``KeyError`` naming the known ones otherwise."""
+    try:
+        return _PRE[name]
+    except (KeyError, TypeError):
+        raise KeyError(
+            f"unknown pre-aggregator name={name!r}; known pre-aggregators: {', '.join(pre_names())}"
+        ) from None
+
+
+def parse_spec(spec: str) -> tuple[str, tuple[str, ...]]:
+    """Split a composed rule spec ``"nnm+clip+krum"`` into ``("krum", ("nnm", "clip"))``."""
+    parts = [s for s in str(spec).split("+") if s]
+    if not parts:
+        raise ValueError(f"rule spec must name a rule, e.g. 'krum' or 'nnm+krum'; got {spec!r}")
+    return parts[-1], tuple(parts[:-1])
+
+
+def flatten_stack(grads: Any) -> tuple[jax.Array, Callable[[jax.Array], Any]]:
+    """(p, d) stack from a (p, d) array or a pytree of arrays with a shared leading axis p.
+
+    Returns ``(stack, unflatten)`` where ``unflatten`` maps a (d,) vector back to the input's
+    structure without the leading axis. Raises ``ValueError`` naming ``grads`` on a wrong rank,
+    empty tree or mismatched leading sizes.
+    """
+    if isinstance(grads, (jax.Array, np.ndarray)):
+        if grads.ndim != 2:
+            raise ValueError(
+                f"grads must be a (p, d) array with one row per worker (or a pytree of arrays with a "
+                f"leading worker axis); got an array of shape {grads.shape}"
+            )
+        return jnp.asarray(grads), lambda v: v
+    leaves, treedef = jax.tree_util.tree_flatten(grads)
+    if not leaves:
+        raise ValueError("grads must contain at least one array leaf; got an empty pytree")
+    leaves = [jnp.asarray(x) for x in leaves]
+    for x in leaves:
+        if x.ndim < 1:
+            raise ValueError("grads leaves must have a leading worker axis p; got a scalar leaf")
+    sizes = {x.shape[0] for x in leaves}
+    if len(sizes) != 1:
+        raise ValueError(
+            f"grads leaves must share the leading worker axis p; got leading sizes {sorted(sizes)}"
+        )
+    p = leaves[0].shape[0]
+    shapes = [x.shape[1:] for x in leaves]
+    dtype = jnp.result_type(*leaves)
+    stack = jnp.concatenate([x.reshape(p, -1).astype(dtype) for x in leaves], axis=1)
+    splits = np.cumsum([math.prod(s) for s in shapes])[:-1].tolist()
+
+    def unflatten(v):
+        parts = jnp.split(v, splits)
+        return jax.tree_util.tree_unflatten(
+            treedef,
+            [part.reshape(s).astype(x.dtype) for part, s, x in zip(parts, shapes, leaves, strict=True)],
+        )
+
+    return stack, unflatten
+
+
+def sanitize_rows(stack: jax.Array) -> jax.Array:
+    """Rows holding any NaN/Inf become zero rows; (p, d) -> (p, d), a no-op copy-free path when clean."""
+    finite = jnp.all(jnp.isfinite(stack), axis=1)
+    return lax.cond(
+        jnp.all(finite), lambda s: s, lambda s: jnp.where(finite[:, None], s, jnp.zeros_like(s)), stack
+    )
+
+
+def _check_f(f, p: int, what: str, max_f: int, requirement: str) -> None:
+    if isinstance(f, bool) or not isinstance(f, (int, np.integer)):
+        raise ValueError(f"f (number of Byzantine workers) must be a Python int; got {f!r}")
+    if f < 0 or f > max_f:
+        raise ValueError(
+            f"f={f} is out of range for {what} with p={p} workers: requires {requirement} (f <= {max_f})"
+        )
+
+
+def _as_step(item) -> tuple[str, dict]:
+    if isinstance(item, str):
+        return item, {}
+    if isinstance(item, (tuple, list)) and len(item) == 2 and isinstance(item[0], str):
+        return item[0], dict(item[1])
+    raise ValueError(f"pre must be a sequence of names or (name, hparams) pairs; got item {item!r}")
+
+
+def aggregate(
+    name: str,
+    grads: Any,
+    *,
+    f: int,
+    key: jax.Array | None = None,
+    pre: Sequence[str | tuple[str, dict]] = (),
+    **hparams,
+) -> Any:
+    """Aggregate worker gradients with the registered rule ``name``, optionally after pre-aggregators.
+
+    Args:
+      name: a registered rule (see :func:`names`), or a composed spec such as ``"nnm+krum"``.
+      grads: (p, d) array, or a pytree whose leaves all have leading axis p.
+      f: declared number of Byzantine workers (checked against the rule's requirement on (p, f)).
+      key: PRNG key for randomised rules and pre-aggregators; ``jax.random.key(0)`` when omitted.
+      pre: pre-aggregators applied in order before the rule, as names or ``(name, hparams)`` pairs,
+        e.g. ``pre=("nnm", ("clip", {"c": 1.0}))``.
+      **hparams: the rule's hyperparameters (see its docstring).
+
+    Returns:
+      The aggregate, with the structure of ``grads`` minus the leading axis.
+    """
+    rule_name, spec_pre = parse_spec(name)
+    rule = get(rule_name)
+    steps = [_as_step(s) for s in (*spec_pre, *pre)]
+    pres = [(get_pre(n), hp) for n, hp in steps]
+    stack, unflatten = flatten_stack(grads)
+    p = stack.shape[0]
+    if p < 1:
+        raise ValueError("grads must hold at least one worker (p >= 1)")
+    if key is None:
+        key = jax.random.key(0)
+    for i, (pa, hp) in enumerate(pres):
+        _check_f(f, stack.shape[0], f"pre-aggregator {pa.name!r}", pa.max_f(stack.shape[0]), pa.requirement)
+        stack = pa.fn(sanitize_rows(stack), f=int(f), key=jax.random.fold_in(key, i + 1), **hp)
+    _check_f(f, stack.shape[0], f"rule {rule.name!r}", rule.max_f(stack.shape[0]), rule.requirement)
+    if rule.sanitize:
+        stack = sanitize_rows(stack)
+    return unflatten(rule.fn(stack, f=int(f), key=key, **hparams))

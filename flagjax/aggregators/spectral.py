@@ -1,0 +1,164 @@
+"""Spectral and filtering rules: CAF, SMEA, DnC, SignGuard.
+
+CAF and SMEA need top eigenvalues of (weighted) covariance matrices of the workers; the non-zero
+spectrum of sum_i c_i (g_i - mu)(g_i - mu)^T equals that of a p x p matrix built from the Gram
+matrix, so both run exactly in Gram space (ByzFL approximates them with one power iteration from a
+random vector; the parity tests use inputs where both pick the same workers).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from flagjax import solver
+from flagjax.aggregators.distance import _combine, _work, subsets
+from flagjax.aggregators.registry import Rule, register
+
+__all__ = ["caf", "smea", "dnc", "signguard"]
+
+
+def _weighted_top_eig(K: jax.Array, c: jax.Array):
+    """Top eigenpair of sum_i c_i z_i z_i^T / sum(c), z_i = g_i - mu_c, in Gram space.
+
+    Returns (eigenvalue, t) where t_i = <z_i, v> for the unit top eigenvector v, and mu_c's
+    coefficients w = c / sum(c)."""
+    p = K.shape[0]
+    csum = jnp.maximum(jnp.sum(c), jnp.finfo(K.dtype).tiny)
+    w = c / csum
+    A = jnp.eye(p, dtype=K.dtype) - w[None, :]  # Z = G^T A^T: z_i = g_i - sum_j w_j g_j
+    Kz = A @ K @ A.T  # Gram of the z_i
+    sc = jnp.sqrt(c / csum)
+    S = sc[:, None] * Kz * sc[None, :]
+    S = (S + S.T) / 2
+    ev, U = jnp.linalg.eigh(S)
+    lam, u = ev[-1], U[:, -1]
+    # v = sum_i sc_i u_i z_i / sqrt(lam); <z_j, v> = (Kz (sc * u))_j / sqrt(lam)
+    t = Kz @ (sc * u) / jnp.sqrt(jnp.maximum(lam, jnp.finfo(K.dtype).tiny))
+    return lam, t, w
+
+
+def caf(stack, *, f: int, key=None):
+    """Covariance-aware filtering (CAF; Allouah et al., as in ByzFL): start with weights c = 1; while
+    sum(c) > p - 2f, take the top eigenvector v of the c-weighted covariance, score
+    tau_i = <g_i - mu_c, v>^2 and downweight c_i <- c_i (1 - tau_i / max tau). Returns the weighted
+    mean mu_c with the smallest top eigenvalue seen. Exact eigenvectors in Gram space (ByzFL uses one
+    power iteration). Requires p > 2f. (p, d) -> (d,)."""
+    del key
+    p = stack.shape[0]
+    K = solver.gram_matrix(_work(stack))
+    dtype = K.dtype
+
+    def cond(st):
+        c, _, _, i = st
+        return (jnp.sum(c) > p - 2 * f) & (i < 2 * p)
+
+    def body(st):
+        c, best_val, best_w, i = st
+        lam, t, w = _weighted_top_eig(K, c)
+        better = lam < best_val
+        best_val = jnp.where(better, lam, best_val)
+        best_w = jnp.where(better, w, best_w)
+        tau = t * t
+        c = c * (1 - tau / jnp.maximum(jnp.max(tau), jnp.finfo(dtype).tiny))
+        return c, best_val, best_w, i + 1
+
+    c0 = jnp.ones((p,), dtype)
+    st = (c0, jnp.asarray(jnp.inf, dtype), c0 / p, jnp.int32(0))
+    _, _, w, _ = lax.while_loop(cond, body, st)
+    return _combine(w, stack)
+
+
+def smea(stack, *, f: int, key=None, max_subsets: int = 200_000):
+    """Smallest maximum eigenvalue averaging (SMEA; Allouah et al. 2024): the mean of the
+    (p - f)-subset whose empirical covariance has the smallest top eigenvalue. Exact, in Gram space
+    (the centered Gram of each subset); C(p, f) subsets, refused above ``max_subsets``.
+    Requires p > 2f. (p, d) -> (d,)."""
+    del key
+    p = stack.shape[0]
+    k = p - f
+    idx = jnp.asarray(subsets(p, k, max_subsets=max_subsets, rule="smea"))
+    K = solver.gram_matrix(_work(stack))
+    H = jnp.eye(k, dtype=K.dtype) - 1.0 / k
+
+    def top(s):
+        Ks = K[s][:, s]
+        return jnp.linalg.eigvalsh(H @ Ks @ H)[-1]
+
+    vals = lax.map(top, idx, batch_size=512)
+    best = idx[jnp.argmin(vals)]
+    w = jnp.zeros((p,), stack.dtype).at[best].set(1.0 / k)
+    return _combine(w, stack)
+
+
+def dnc(stack, *, f: int, key, num_iters: int = 5, sub_dim: int = 10_000, c: float = 1.0):
+    """Divide-and-Conquer (Shejwalkar & Houmansadr, NDSS 2021). Each of ``num_iters`` rounds draws
+    ``sub_dim`` coordinates (with replacement; the paper samples without), centres the sub-gradients,
+    scores s_i = <g_i - mu, v>^2 with v their top right singular vector, and keeps all but the
+    ``c * f`` highest scores; the output is the mean of workers kept in every round. Requires p > 2f.
+    (p, d) -> (d,)."""
+    p, d = stack.shape
+    b = min(sub_dim, d)
+    n_remove = min(int(c * f), p - 1)
+    good = jnp.ones((p,), bool)
+    for key_i in jax.random.split(key, num_iters):
+        cols = jax.random.randint(key_i, (b,), 0, d)
+        sub = _work(stack[:, cols])
+        K = solver.gram_matrix(sub)
+        lam, t, _ = _weighted_top_eig(K, jnp.ones((p,), K.dtype))
+        scores = t * t
+        if n_remove:
+            _, worst = lax.top_k(scores, n_remove)
+            good = good.at[worst].set(False)
+    w = good.astype(stack.dtype) / jnp.maximum(jnp.sum(good), 1)
+    return _combine(w, stack)
+
+
+def signguard(
+    stack, *, f: int = 0, key, low=0.1, high=3.0, coord_frac=0.1, bandwidth=None, shift_iters: int = 20
+):
+    """SignGuard (Xu et al., ICDCS 2022), with mean-shift clustering done in p-space.
+
+    1. Norm filter: keep workers with low <= ||g_i|| / median_j ||g_j|| <= high.
+    2. Sign filter: on a random ``coord_frac`` of coordinates, each worker's features are the fractions
+       of positive, zero and negative entries; flat-kernel mean shift (``shift_iters`` steps,
+       ``bandwidth`` default: the median pairwise feature distance) finds modes, and the workers in
+       the most populated mode are kept.
+    3. Output: the mean of the kept gradients, each clipped to the median norm.
+    The original clusters with scikit-learn's MeanShift; modes here are merged within bandwidth / 2.
+    (p, d) -> (d,).
+    """
+    p, d = stack.shape
+    work = _work(stack)
+    norms = jnp.sqrt(jnp.einsum("pd,pd->p", work, work, precision=lax.Precision.HIGHEST))
+    med = jnp.median(norms)
+    ratio = norms / jnp.maximum(med, jnp.finfo(work.dtype).tiny)
+    keep_norm = (ratio >= low) & (ratio <= high)
+    b = max(1, int(coord_frac * d))
+    cols = jax.random.randint(key, (b,), 0, d)
+    sub = work[:, cols]
+    feats = jnp.stack([jnp.mean(sub > 0, 1), jnp.mean(sub == 0, 1), jnp.mean(sub < 0, 1)], axis=1)
+    fd = jnp.sqrt(jnp.sum((feats[:, None] - feats[None]) ** 2, -1))
+    bw = jnp.median(fd) if bandwidth is None else jnp.asarray(bandwidth, work.dtype)
+    bw = jnp.maximum(bw, 1e-6)
+
+    def shift(_, x):
+        near = (jnp.sqrt(jnp.sum((x[:, None] - feats[None]) ** 2, -1)) <= bw).astype(x.dtype)
+        return near @ feats / jnp.maximum(near.sum(1, keepdims=True), 1)
+
+    modes = lax.fori_loop(0, shift_iters, shift, feats)
+    same = jnp.sqrt(jnp.sum((modes[:, None] - modes[None]) ** 2, -1)) <= bw / 2
+    counts = jnp.sum(same & keep_norm[None, :], axis=1)
+    counts = jnp.where(keep_norm, counts, -1)
+    keep = same[jnp.argmax(counts)] & keep_norm
+    scale = jnp.minimum(1, med / jnp.maximum(norms, jnp.finfo(work.dtype).tiny))
+    w = jnp.where(keep, scale, 0) / jnp.maximum(jnp.sum(keep), 1)
+    return _combine(w, stack)
+
+
+_half = lambda p: (p - 1) // 2
+register(Rule("caf", caf, _half, "p > 2f"))
+register(Rule("smea", smea, _half, "p > 2f"))
+register(Rule("dnc", dnc, _half, "p > 2f"))
+register(Rule("signguard", signguard, _half, "p > 2f"))
