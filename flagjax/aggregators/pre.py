@@ -50,8 +50,9 @@ def bucketing(stack, *, f: int = 0, key, s: int = 2):
     perm = jax.random.permutation(key, p)
     nb = -(-p // s)
     bucket_of_pos = jnp.arange(p) // s
-    sizes = jnp.bincount(bucket_of_pos, length=nb).astype(jnp.float32)
-    M = jnp.zeros((nb, p), jnp.float32).at[bucket_of_pos, perm].set(1.0)
+    dtype = _work(stack).dtype
+    sizes = jnp.bincount(bucket_of_pos, length=nb).astype(dtype)
+    M = jnp.zeros((nb, p), dtype).at[bucket_of_pos, perm].set(1.0)
     return _mix(M / sizes[:, None], stack)
 
 

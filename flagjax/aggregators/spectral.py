@@ -29,7 +29,7 @@ def _weighted_top_eig(K: jax.Array, c: jax.Array):
     w = c / csum
     A = jnp.eye(p, dtype=K.dtype) - w[None, :]  # Z = G^T A^T: z_i = g_i - sum_j w_j g_j
     Kz = A @ K @ A.T  # Gram of the z_i
-    sc = jnp.sqrt(c / csum)
+    sc = jnp.sqrt(jnp.maximum(c, 0) / csum)
     S = sc[:, None] * Kz * sc[None, :]
     S = (S + S.T) / 2
     ev, U = jnp.linalg.eigh(S)
@@ -61,7 +61,8 @@ def caf(stack, *, f: int, key=None):
         best_val = jnp.where(better, lam, best_val)
         best_w = jnp.where(better, w, best_w)
         tau = t * t
-        c = c * (1 - tau / jnp.maximum(jnp.max(tau), jnp.finfo(dtype).tiny))
+        # clip: a fused x * (1 / max) can give 1 - tau/max = -1 ulp, and sqrt(c) would be NaN
+        c = c * jnp.maximum(1 - tau / jnp.maximum(jnp.max(tau), jnp.finfo(dtype).tiny), 0)
         return c, best_val, best_w, i + 1
 
     c0 = jnp.ones((p,), dtype)
