@@ -1,7 +1,7 @@
 """Aggregation speed: flag (Gram space) vs the mean, numpy's Gram product and a dense released-code path.
 
 Usage:
-    python benchmarks/aggregation.py [--quick] [--out benchmarks/results/aggregation.md]
+    python benchmarks/aggregation.py [--quick] [--suite flag|rules|all] [--out FILE.md]
 
 Every number is a median over repeats after a warm-up (``block_until_ready``), and every target is a
 ratio between timings taken in the same run (machines are shared and noisy).
@@ -10,6 +10,8 @@ ratio between timings taken in the same run (machines are shared and noisy).
 * ``dense``: what the authors' released code does per IRLS step: an SVD of the d x p matrix of weighted
   unit gradients (and of the d x (p + p(p-1)) matrix with the pairwise columns when lam > 0),
   float32 numpy/LAPACK, for the same number of solves as flag (flag mean + max_iters steps).
+* ``rules`` suite: every registered rule and pre-aggregator at p in {15, 60}, d in {1e5, 1e6}, and the
+  same rules in ByzFL (torch CPU tensors, float32) on the same inputs, as flagjax-time / byzfl-time.
 """
 
 from __future__ import annotations
@@ -90,6 +92,106 @@ def flag_suite(p: int, dims, quick: bool):
     return rows
 
 
+# flagjax rule -> (flagjax hparams, ByzFL constructor taking f); same work on both sides
+def _byzfl_rules():
+    from flagjax.peers import byzfl_module
+
+    agg = byzfl_module("aggregators")
+    pre = byzfl_module("aggregators.preaggregators")
+    return {
+        "mean": ({}, lambda f: agg.Average()),
+        "median": ({}, lambda f: agg.Median()),
+        "trimmed_mean": ({}, lambda f: agg.TrMean(f=f)),
+        "meamed": ({}, lambda f: agg.Meamed(f=f)),
+        "krum": ({}, lambda f: agg.Krum(f=f)),
+        "multi_krum": ({}, lambda f: agg.MultiKrum(f=f)),
+        "geomed": (
+            {"init": "zero", "nu": 0.1, "max_iters": 3, "tol": 0.0},
+            lambda f: agg.GeometricMedian(nu=0.1, T=3),
+        ),
+        "centered_clipping": ({"iters": 1}, lambda f: agg.CenteredClipping(L=1, tau=100.0)),
+        "mda": ({}, lambda f: agg.MDA(f=f)),
+        "monna": ({}, lambda f: agg.MoNNA(f=f)),
+        "caf": ({}, lambda f: agg.CAF(f=f)),
+        "smea": ({}, lambda f: agg.SMEA(f=f)),
+        "pre:nnm": ({}, lambda f: pre.NNM(f=f)),
+        "pre:bucketing": ({"s": 2}, lambda f: pre.Bucketing(s=2)),
+        "pre:arc": ({}, lambda f: pre.ARC(f=f)),
+        "pre:clip": ({"c": 2.0}, lambda f: pre.Clipping(c=2.0)),
+    }
+
+
+def rules_suite(ps, dims, quick: bool):
+    """Every rule (and pre-aggregator) in flagjax, and its ByzFL twin where there is one."""
+    import torch
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    twins = _byzfl_rules()
+    key = jax.random.key(0)
+    out = []
+    for p in ps:
+        f = max(1, (p - 3) // 4)  # Bulyan's bound p >= 4f + 3: f = 3 at p = 15, 14 at p = 60
+        for d in dims:
+            rng = np.random.default_rng(p + d)
+            G = (rng.normal(size=d)[None] + rng.normal(size=(p, d))).astype(np.float32)
+            Gj = jnp.asarray(G)
+            T = torch.from_numpy(G)
+            entries = [(n, None) for n in flagjax.aggregators.names()]
+            entries += [(f"pre:{n}", n) for n in flagjax.aggregators.pre_names()]
+            for name, pre_name in entries:
+                hp = dict(twins.get(name, ({}, None))[0])
+                if pre_name is None:
+                    rule = flagjax.aggregators.get(name)
+                    if f > rule.max_f(p):
+                        continue
+                    fn = jax.jit(lambda g, k, name=name, hp=hp: flagjax.aggregate(name, g, f=f, key=k, **hp))
+                else:
+                    pa = flagjax.aggregators.get_pre(pre_name).fn
+                    fn = jax.jit(lambda g, k, pa=pa, hp=hp: pa(g, f=f, key=k, **hp))
+                try:
+                    ours = timeit(fn, Gj, key, repeats=3 if quick else 5)
+                except ValueError as err:  # combinatorial rules refuse C(p, f) beyond their limit
+                    out.append((p, f, d, name, None, None, str(err).split(";")[0]))
+                    continue
+                theirs = None
+                if name in twins:
+                    slow = name in ("mda", "smea", "caf") and (d > 100_000 or p > 15)
+                    if not (name in ("mda", "smea") and p > 15):
+                        make = twins[name][1]
+                        theirs = timeit(
+                            lambda t: make(f)(t.clone()),
+                            T,
+                            repeats=1 if (quick or slow) else 3,
+                            warmup=0 if slow else 1,
+                        )
+                out.append((p, f, d, name, ours, theirs, ""))
+    return out
+
+
+def render_rules(rows) -> str:
+    lines = [
+        "",
+        "## Every rule, flagjax vs ByzFL (ms, float32, median of repeats)",
+        "",
+        "f = 3 at p = 15 and f = 14 at p = 60 (the largest f Bulyan allows). ByzFL runs on torch CPU tensors",
+        "(its NumPy path is slower). geomed runs ByzFL's fixed 3 Weiszfeld steps from zero on both sides;",
+        "centered_clipping one step with tau = 100. ByzFL's CAF/SMEA use one power iteration per",
+        "eigenvalue (approximate); flagjax's are exact. A blank ByzFL cell: ByzFL has no such rule, or",
+        "(MDA/SMEA at p = 60) C(60, 14) subsets cannot be enumerated by either library.",
+        "",
+        "| p | f | d | rule | flagjax | ByzFL | flagjax / ByzFL |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for p, f, d, name, ours, theirs, note in rows:
+        if ours is None:
+            lines.append(f"| {p} | {f} | {d:.0e} | {name} | refused: {note} | | |")
+            continue
+        ratio = f"{ours / theirs:.3f}" if theirs else ""
+        th = f"{theirs:.2f}" if theirs else ""
+        lines.append(f"| {p} | {f} | {d:.0e} | {name} | {ours:.2f} | {th} | {ratio} |")
+    return "\n".join(lines) + "\n"
+
+
 def render(p, rows, cmd) -> str:
     lines = [
         "# Aggregation benchmark",
@@ -127,13 +229,28 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="small sizes, few repeats (smoke test)")
     ap.add_argument("--p", type=int, default=15)
+    ap.add_argument("--suite", choices=("flag", "rules", "all"), default="all")
     ap.add_argument("--out", default=None, help="markdown file to write (default: print only)")
     args = ap.parse_args(argv)
     dims = [10_000, 50_000] if args.quick else [100_000, 1_000_000]
-    rows = flag_suite(args.p, dims, args.quick)
     cmd = "python benchmarks/aggregation.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    text = render(args.p, rows, cmd.strip())
-    print(text)
+    rows = []
+    text = ""
+    if args.suite in ("flag", "all"):
+        rows = flag_suite(args.p, dims, args.quick)
+        text = render(args.p, rows, cmd.strip())
+        print(text, flush=True)
+    if args.suite in ("rules", "all"):
+        ps = [15] if args.quick else [15, 60]
+        rr = rules_suite(ps, dims, args.quick)
+        if not text:
+            text = (
+                f"# Aggregation benchmark\n\nProduced by `{cmd.strip()}` on {platform.machine()} "
+                f"with {os.cpu_count()} CPU cores.\n"
+            )
+        part = render_rules(rr)
+        print(part)
+        text += part
     if args.out:
         os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
         with open(args.out, "w") as fh:

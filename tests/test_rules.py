@@ -343,3 +343,21 @@ def test_caf_matches_reference(x64, p, f, d):
     np.testing.assert_allclose(
         flagjax.aggregate("caf", jnp.asarray(g), f=f), ref_caf(g, f), rtol=1e-7, atol=1e-8
     )
+
+
+@pytest.mark.parametrize("iters", [1, 2, 3, 6])
+def test_centered_clipping_paths_and_center(x64, iters):
+    """d-space (iters <= 2) and Gram-space (iters > 2) paths against the reference, with a centre."""
+    g = _data(11, 25, seed=iters)
+    center = np.random.default_rng(0).normal(size=25)
+
+    def ref(g, tau, iters, v):
+        for _ in range(iters):
+            diff = g - v
+            v = v + (diff * np.minimum(1, tau / np.linalg.norm(diff, axis=1))[:, None]).mean(0)
+        return v
+
+    out = flagjax.aggregate("centered_clipping", jnp.asarray(g), f=2, tau=1.5, iters=iters, center=center)
+    np.testing.assert_allclose(out, ref(g, 1.5, iters, center), rtol=1e-9, atol=1e-10)
+    out0 = flagjax.aggregate("centered_clipping", jnp.asarray(g), f=2, tau=1.5, iters=iters)
+    np.testing.assert_allclose(out0, ref(g, 1.5, iters, np.zeros(25)), rtol=1e-9, atol=1e-10)

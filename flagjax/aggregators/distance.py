@@ -200,29 +200,37 @@ def centered_clipping(stack, *, f: int = 0, key=None, center=None, tau=100.0, it
     ``iters`` times from ``center`` (a (d,) vector: the previous aggregate or momentum in training;
     default zeros, as ByzFL). clip_tau(u) = u * min(1, tau / ||u||). (p, d) -> (d,).
 
-    v stays center * alpha + c @ stack, so all iterations run in Gram space.
+    v stays alpha * center + c @ stack. Few iterations (<= 2) run in d-space (two passes over the
+    stack each); more run in Gram space (one Gram product, then O(p^2) per iteration).
     """
     del f, key
     p, d = stack.shape
     work = _work(stack)
+    dtype = work.dtype
+    tau = jnp.asarray(tau, dtype)
+    tiny = jnp.finfo(dtype).tiny
+    v0 = jnp.zeros((d,), dtype) if center is None else jnp.asarray(center, dtype).reshape(d)
+    if iters <= 2:
+        n2 = jnp.einsum("pd,pd->p", work, work, precision=_HIGH)
+        v = v0
+        for _ in range(iters):
+            d2 = n2 - 2 * jnp.dot(work, v, precision=_HIGH) + jnp.dot(v, v, precision=_HIGH)
+            s = jnp.minimum(1, tau / jnp.maximum(jnp.sqrt(jnp.maximum(d2, 0)), tiny))
+            v = v * (1 - jnp.mean(s)) + jnp.dot(s / p, work, precision=_HIGH)
+        return v.astype(stack.dtype)
     K = solver.gram_matrix(work)
-    dtype = K.dtype
     n2 = jnp.diagonal(K)
     if center is None:
-        v0 = jnp.zeros((d,), dtype)
         gv, vv = jnp.zeros((p,), dtype), jnp.zeros((), dtype)
     else:
-        v0 = jnp.asarray(center, dtype).reshape(d)
         gv = jnp.dot(work, v0, precision=_HIGH)
         vv = jnp.dot(v0, v0, precision=_HIGH)
-    tau = jnp.asarray(tau, dtype)
 
     def body(_, st):
         alpha, c = st
         Kc = K @ c
         d2 = n2 + alpha**2 * vv + c @ Kc - 2 * alpha * gv - 2 * Kc + 2 * alpha * (c @ gv)
-        dist = jnp.sqrt(jnp.maximum(d2, 0))
-        s = jnp.minimum(1, tau / jnp.maximum(dist, jnp.finfo(dtype).tiny))
+        s = jnp.minimum(1, tau / jnp.maximum(jnp.sqrt(jnp.maximum(d2, 0)), tiny))
         sbar = jnp.mean(s)
         return alpha * (1 - sbar), c * (1 - sbar) + s / p
 
@@ -264,8 +272,11 @@ def monna(stack, *, f: int, key=None, idx: int = 0):
     p = stack.shape[0]
     if not 0 <= idx < p:
         raise ValueError(f"idx must satisfy 0 <= idx < p = {p}; got {idx}")
-    D, _ = pairwise_sq_distances(stack)
-    _, nn = lax.top_k(-D[idx], p - f)
+    work = _work(stack)  # distances to one row only: two passes, no Gram product
+    n2 = jnp.einsum("pd,pd->p", work, work, precision=_HIGH)
+    d2 = n2 - 2 * jnp.dot(work, work[idx], precision=_HIGH) + n2[idx]
+    d2 = jnp.where(jnp.isnan(d2), jnp.inf, d2).at[idx].set(-1.0)  # itself first
+    _, nn = lax.top_k(-d2, p - f)
     w = jnp.zeros((p,), stack.dtype).at[nn].set(1.0 / (p - f))
     return _combine(w, stack)
 
