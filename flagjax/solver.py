@@ -38,6 +38,7 @@ __all__ = [
     "flag_median",
     "gram_matrix",
     "prepare_gram",
+    "gram_info_from_raw",
     "solve_gram",
     "combine_rows",
     "unit_rows",
@@ -184,15 +185,35 @@ def prepare_gram(points: jax.Array) -> GramInfo:
         return gram_matrix(z), scale, ok
 
     kw, scale, ok = lax.cond(fast_ok, fast, safe, None)
+    return gram_info_from_raw(kw, scale=scale, ok=ok, safe=~fast_ok)
+
+
+def gram_info_from_raw(raw: jax.Array, *, scale=None, ok=None, safe=None) -> GramInfo:
+    """:class:`GramInfo` from a raw Gram matrix ``raw`` (p, p) = Z Z^T of (prescaled) rows Z.
+
+    Used by :func:`prepare_gram` and by the sharded layout, where ``raw`` is the psum of per-device
+    partial Gram matrices. Rows with a non-finite or non-positive squared norm are invalid.
+
+    Args:
+      raw: (p, p) Gram matrix of the rows that will be combined (``points / scale``).
+      scale: (p,) prescale of the rows (default ones). ok: (p,) rows known to be finite (default all).
+      safe: () bool recorded in the result (default False).
+    """
+    p = raw.shape[0]
+    dtype = raw.dtype
+    scale = jnp.ones((p,), dtype) if scale is None else scale
+    ok = jnp.ones((p,), bool) if ok is None else ok
+    safe = jnp.array(False) if safe is None else safe
+    kw = raw
     wdiag = jnp.diagonal(kw)
     valid = ok & (wdiag > 0) & jnp.isfinite(wdiag)
     work_norms = jnp.where(valid, jnp.sqrt(jnp.where(valid, wdiag, 1)), 1)
+    kw = jnp.where(valid[:, None] & valid[None, :], kw, 0)
     K = kw / (work_norms[:, None] * work_norms[None, :])
-    K = jnp.where(valid[:, None] & valid[None, :], K, 0)
     K = jnp.clip(K, -1, 1)
     K = K.at[jnp.diag_indices(p)].set(valid.astype(dtype))
     norms = jnp.where(valid, scale * work_norms, 0)
-    return GramInfo(K, norms, valid, scale, work_norms, ~fast_ok)
+    return GramInfo(K, norms, valid, scale, work_norms, safe)
 
 
 def combine_rows(points: jax.Array, q: jax.Array, info: GramInfo) -> jax.Array:

@@ -109,6 +109,20 @@ def flag_with_info(
     solver._check_points(stack, r)
     solver._check_iters(max_iters)
     info = solver.prepare_gram(stack)
+    q, fi = flag_coefficients(info, r=r, lam=lam, max_iters=max_iters, tol=tol, eps=eps, output=output)
+    agg = solver.combine_rows(stack, q, info)
+    out_dtype = stack.dtype if jnp.issubdtype(stack.dtype, jnp.floating) else info.K.dtype
+    return agg.astype(out_dtype), fi
+
+
+def flag_coefficients(
+    info: solver.GramInfo, *, r: int, lam=0.0, max_iters: int = 10, tol=1e-5, eps=1e-6, output: str = "code"
+) -> tuple[jax.Array, FlagInfo]:
+    """FA in Gram space: (q, :class:`FlagInfo`) with aggregate = sum_i q_i x_i (unit directions).
+
+    Shared by :func:`flag_with_info` and the sharded training layout (which builds ``info`` from a
+    psum of partial Gram matrices and applies q to its slice of the rows).
+    """
     C, ratios, weights, obj, _, steps, converged = solver.solve_gram(
         info.K, info.valid, lam, eps, tol, r=r, max_iters=max_iters
     )
@@ -119,11 +133,9 @@ def flag_with_info(
     else:
         n_valid = jnp.maximum(jnp.sum(info.valid), 1).astype(dtype)
         q = C @ (C.T @ (K @ info.norms)) / n_valid
-    agg = solver.combine_rows(stack, q, info)
     coefficients = jnp.where(info.valid, q / jnp.where(info.valid, info.norms, 1), 0)
     status = solver.status_code(info.valid, converged)
-    out_dtype = stack.dtype if jnp.issubdtype(stack.dtype, jnp.floating) else dtype
-    return agg.astype(out_dtype), FlagInfo(ratios, weights, coefficients, obj, steps, status, info.valid)
+    return q, FlagInfo(ratios, weights, coefficients, obj, steps, status, info.valid)
 
 
 def flag(stack: jax.Array, **kwargs) -> jax.Array:

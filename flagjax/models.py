@@ -1,0 +1,106 @@
+"""Flax (Linen) models: the paper's MNIST CNN, an MLP, and ResNet-18 with CIFAR or ImageNet stem.
+
+BatchNorm across workers: every worker normalises its mini-batch with its own batch statistics
+(as each PyTorch worker in the paper does); the running averages used at evaluation are the mean of
+the workers' updated running averages, computed in the same step (Byzantine workers only forge
+gradients, not statistics). Models without BatchNorm have an empty ``batch_stats`` collection.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from functools import partial
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+__all__ = ["PaperCNN", "MLP", "ResNet18", "make_model", "MODELS"]
+
+
+class PaperCNN(nn.Module):
+    """The FA paper's MNIST network: conv 10@5x5 -> maxpool 2 -> ReLU -> conv 20@5x5 -> maxpool 2 ->
+    ReLU -> fc 50 -> ReLU -> fc num_classes. Input (N, 28, 28, C) -> logits (N, num_classes)."""
+
+    num_classes: int = 10
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        x = nn.Conv(10, (5, 5), padding="VALID")(x)
+        x = nn.relu(nn.max_pool(x, (2, 2), (2, 2)))
+        x = nn.Conv(20, (5, 5), padding="VALID")(x)
+        x = nn.relu(nn.max_pool(x, (2, 2), (2, 2)))
+        x = x.reshape(x.shape[0], -1)
+        x = nn.relu(nn.Dense(50)(x))
+        return nn.Dense(self.num_classes)(x)
+
+
+class MLP(nn.Module):
+    """Flatten -> Dense(h) + ReLU for each h in ``hidden`` -> Dense(num_classes)."""
+
+    num_classes: int = 10
+    hidden: Sequence[int] = (200, 200)
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        x = x.reshape(x.shape[0], -1)
+        for h in self.hidden:
+            x = nn.relu(nn.Dense(h)(x))
+        return nn.Dense(self.num_classes)(x)
+
+
+class _Block(nn.Module):
+    filters: int
+    strides: int = 1
+
+    @nn.compact
+    def __call__(self, x, train: bool):
+        norm = partial(nn.BatchNorm, use_running_average=not train, momentum=0.9)
+        y = nn.Conv(self.filters, (3, 3), (self.strides, self.strides), padding=1, use_bias=False)(x)
+        y = nn.relu(norm()(y))
+        y = nn.Conv(self.filters, (3, 3), padding=1, use_bias=False)(y)
+        y = norm()(y)
+        if x.shape[-1] != self.filters or self.strides != 1:
+            x = nn.Conv(self.filters, (1, 1), (self.strides, self.strides), use_bias=False)(x)
+            x = norm()(x)
+        return nn.relu(x + y)
+
+
+class ResNet18(nn.Module):
+    """ResNet-18 (He et al. 2016). ``stem="cifar"``: 3x3 conv, no max-pool (32x32 inputs);
+    ``stem="imagenet"``: 7x7 stride-2 conv + 3x3 max-pool (the torchvision model the FA authors used)."""
+
+    num_classes: int = 10
+    stem: str = "cifar"
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        norm = partial(nn.BatchNorm, use_running_average=not train, momentum=0.9)
+        if self.stem == "cifar":
+            x = nn.Conv(64, (3, 3), padding=1, use_bias=False)(x)
+            x = nn.relu(norm()(x))
+        elif self.stem == "imagenet":
+            x = nn.Conv(64, (7, 7), (2, 2), padding=3, use_bias=False)(x)
+            x = nn.relu(norm()(x))
+            x = nn.max_pool(x, (3, 3), (2, 2), padding="SAME")
+        else:
+            raise ValueError(f"stem must be 'cifar' or 'imagenet'; got {self.stem!r}")
+        for i, filters in enumerate((64, 128, 256, 512)):
+            for j in range(2):
+                x = _Block(filters, 2 if (i > 0 and j == 0) else 1)(x, train)
+        x = jnp.mean(x, axis=(1, 2))
+        return nn.Dense(self.num_classes)(x)
+
+
+MODELS = {
+    "cnn": PaperCNN,
+    "mlp": MLP,
+    "resnet18": partial(ResNet18, stem="cifar"),
+    "resnet18_imagenet": partial(ResNet18, stem="imagenet"),
+}
+
+
+def make_model(name: str, num_classes: int) -> nn.Module:
+    """Model by name (see ``MODELS``): 'cnn', 'mlp', 'resnet18', 'resnet18_imagenet'."""
+    if name not in MODELS:
+        raise ValueError(f"model must be one of {sorted(MODELS)}; got {name!r}")
+    return MODELS[name](num_classes=num_classes)

@@ -1,0 +1,347 @@
+"""Data-parallel Byzantine-robust training steps: a 1-D ``workers`` mesh, per-worker gradients under
+``jax.shard_map``, attacks, aggregation in one of two layouts, and the optax update.
+
+p logical workers are spread over the mesh's n devices (p / n per device, ``vmap`` inside), so p = 15
+runs on 1, 3, 5 or 15 devices with the same numbers. Worker i < p - f is honest; the last f are
+Byzantine: either their gradient rows are replaced by an attack (which sees the round's honest rows)
+or, for data-level attacks (``lotka_volterra``, ``noise``, ``label_flip``), they compute honest
+gradients on transformed data ("augmented losses").
+
+Layouts (shared/DESIGN.md section 3):
+
+* ``server``: the shard_map body only computes per-worker gradients (no collectives in the body); the
+  (p, D) stack is gathered (an SPMD all-gather: every device acts as the parameter server on the same
+  stack, which costs the traffic of gather + broadcast without a single hot device), attacked,
+  aggregated by any registered rule, and the update applied, all in one ``jit``.
+* ``sharded``: after computing its workers' gradients, each device exchanges slices (all-to-all) so it
+  holds a D / n slice of *every* worker's gradient. Coordinate-wise rules run on the slice; FA and the
+  (normalised) mean psum partial Gram matrices / norms and apply their p coefficients to the slice;
+  the aggregate slices are all-gathered. Per-device traffic is ~2 D (like an all-reduce), independent
+  of p. Rules or attacks that need whole rows fall back to ``server`` (``resolve_layout`` says why).
+
+JAX traps handled here (shared/ENVIRONMENT.md): under ``check_vma=True`` ``jax.grad`` w.r.t. replicated
+parameters returns the psum over the axis, so the body runs with ``check_vma=False`` and per-worker
+gradients are tested to be per worker; on CPU with many simulated devices the training loop blocks on
+every step (collectives in a body dispatched back-to-back can deadlock on 2 cores).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax import lax
+from jax.flatten_util import ravel_pytree
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from flagjax import aggregators, attacks, solver
+
+__all__ = [
+    "AXIS",
+    "make_mesh",
+    "StepConfig",
+    "TrainState",
+    "resolve_layout",
+    "build_step",
+    "DATA_ATTACKS",
+    "SHARDED_RULES",
+    "SEPARABLE_ATTACKS",
+    "init_worker_momentum",
+]
+
+AXIS = "workers"
+DATA_ATTACKS = ("none", "lotka_volterra", "noise", "label_flip")
+SHARDED_RULES = ("mean", "normalized_mean", "flag", "median", "trimmed_mean", "meamed", "phocas")
+SEPARABLE_ATTACKS = (
+    "random",
+    "gaussian",
+    "reverse",
+    "signflip",
+    "drop",
+    "alie",
+    "ipm",
+    "mimic",
+    "inf",
+    "nan",
+    "collude",
+)
+
+
+def make_mesh(num_devices: int | None = None) -> jax.sharding.Mesh:
+    """1-D mesh with axis ``workers`` over the first ``num_devices`` devices (all by default; in a
+    multi-process run, all global devices)."""
+    devs = jax.devices()
+    n = len(devs) if num_devices is None else num_devices
+    if not 1 <= n <= len(devs):
+        raise ValueError(f"num_devices must be in [1, {len(devs)}] (the available devices); got {n}")
+    return jax.make_mesh((n,), (AXIS,), axis_types=(jax.sharding.AxisType.Auto,), devices=devs[:n])
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class StepConfig:
+    """Static description of one training step (everything that shapes the compiled program).
+
+    Attributes:
+      num_workers: p. num_byzantine: f (the last f workers).
+      rule: aggregation spec, e.g. "flag" or "nnm+krum". rule_hparams: its hyperparameters.
+      attack: a gradient attack (``flagjax.attacks.names()``) or a data attack (``DATA_ATTACKS``).
+      attack_hparams: its hyperparameters. aug_level: LV time t or noise sigma for data attacks.
+      worker_momentum: beta of per-worker momentum m <- beta m + (1 - beta) g (0 = off).
+      layout: "server" or "sharded" (see module docstring).
+      lv_map: (H*W,) gather map for ``lotka_volterra`` (from ``flagjax.data.lotka_volterra_map``).
+      num_classes: labels for ``label_flip`` (y -> num_classes - 1 - y).
+    """
+
+    num_workers: int
+    num_byzantine: int = 0
+    rule: str = "flag"
+    rule_hparams: tuple = ()
+    attack: str = "none"
+    attack_hparams: tuple = ()
+    aug_level: float = 0.0
+    worker_momentum: float = 0.0
+    layout: str = "server"
+    lv_map: Any = None
+    num_classes: int = 10
+
+
+class TrainState(NamedTuple):
+    """Everything a step reads and writes (a pytree: checkpointed by orbax as is).
+
+    Attributes:
+      step: () int32. params, batch_stats: model variables (replicated).
+      opt_state: optax state. worker_mom: (p, D) per-worker momentum (zeros when unused).
+      key: PRNG key data (uint32), folded with the step for attacks and noise.
+    """
+
+    step: jax.Array
+    params: Any
+    batch_stats: Any
+    opt_state: Any
+    worker_mom: jax.Array
+    key: jax.Array
+
+
+def resolve_layout(cfg: StepConfig, num_devices: int) -> tuple[str, str]:
+    """(layout actually used, reason) — ``sharded`` falls back to ``server`` when it cannot apply."""
+    if cfg.layout not in ("server", "sharded"):
+        raise ValueError(f"layout must be 'server' or 'sharded'; got {cfg.layout!r}")
+    if cfg.layout == "server":
+        return "server", ""
+    rule, pre = aggregators.parse_spec(cfg.rule)
+    if pre:
+        return "server", f"pre-aggregators {pre} need whole rows"
+    if rule not in SHARDED_RULES:
+        return "server", f"rule {rule!r} needs whole rows (sharded supports {', '.join(SHARDED_RULES)})"
+    if cfg.attack not in DATA_ATTACKS and cfg.attack not in SEPARABLE_ATTACKS:
+        return "server", f"attack {cfg.attack!r} needs whole rows"
+    return "sharded", ""
+
+
+def _check(cfg: StepConfig, num_devices: int) -> None:
+    p, f = cfg.num_workers, cfg.num_byzantine
+    if p < 1 or p % num_devices:
+        raise ValueError(f"num_workers={p} must be a positive multiple of the number of devices ({num_devices})")
+    if not 0 <= f < p:
+        raise ValueError(f"num_byzantine={f} must satisfy 0 <= f < num_workers={p}")
+    if cfg.attack not in DATA_ATTACKS:
+        attacks.get(cfg.attack)
+    rule, pre = aggregators.parse_spec(cfg.rule)
+    r = aggregators.get(rule)
+    for name in pre:
+        aggregators.get_pre(name)
+    if f > r.max_f(p):
+        raise ValueError(f"num_byzantine={f} is too large for rule {rule!r} with p={p}: requires {r.requirement}")
+    if cfg.attack == "lotka_volterra" and cfg.lv_map is None:
+        raise ValueError("attack 'lotka_volterra' needs lv_map (flagjax.data.lotka_volterra_map)")
+
+
+def _data_attack(cfg: StepConfig, x, y, worker_idx, key):
+    """Transform the inputs of Byzantine workers for data-level attacks; x (pl, B, H, W, C)."""
+    if cfg.attack in ("none",) or cfg.attack not in DATA_ATTACKS or cfg.num_byzantine == 0:
+        return x, y
+    byz = worker_idx >= cfg.num_workers - cfg.num_byzantine  # (pl,)
+    if cfg.attack == "label_flip":
+        return x, jnp.where(byz[:, None], cfg.num_classes - 1 - y, y)
+    if cfg.attack == "noise":
+        keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(worker_idx)
+        noise = jax.vmap(lambda k: cfg.aug_level * jax.random.normal(k, x.shape[1:], x.dtype))(keys)
+        return jnp.where(byz[:, None, None, None, None], x + noise, x), y
+    # lotka_volterra: gather pixels through the precomputed map (index H*W reads a zero pixel)
+    pl, b, h, w, c = x.shape
+    flat = jnp.concatenate([x.reshape(pl, b, h * w, c), jnp.zeros((pl, b, 1, c), x.dtype)], axis=2)
+    moved = flat[:, :, jnp.asarray(cfg.lv_map), :].reshape(x.shape)
+    return jnp.where(byz[:, None, None, None, None], moved, x), y
+
+
+def _gradient_attack(cfg: StepConfig, stack, key):
+    if cfg.attack in DATA_ATTACKS or cfg.num_byzantine == 0:
+        return stack
+    f = cfg.num_byzantine
+    honest = stack[: cfg.num_workers - f]
+    byz = attacks.attack(cfg.attack, honest, f=f, key=key, **dict(cfg.attack_hparams))
+    return jnp.concatenate([honest, byz.astype(stack.dtype)])
+
+
+def _sharded_aggregate(cfg: StepConfig, slices, key):
+    """Aggregate a (p, D/n) slice of every worker's gradient; collectives over ``workers``."""
+    rule, _ = aggregators.parse_spec(cfg.rule)
+    hp = dict(cfg.rule_hparams)
+    f = cfg.num_byzantine
+    finite = lax.pmin(jnp.all(jnp.isfinite(slices), axis=1).astype(jnp.int32), AXIS) > 0
+    if rule == "mean":
+        return aggregators.mean(slices), {}
+    if rule == "flag":
+        p = slices.shape[0]
+        clean = jnp.where(finite[:, None], slices, 0).astype(jnp.promote_types(slices.dtype, jnp.float32))
+        raw = lax.psum(solver.gram_matrix(clean), AXIS)
+        info = solver.gram_info_from_raw(raw, ok=finite)
+        r = hp.pop("r", None) or aggregators.default_rank(p)
+        q, fi = aggregators.flag_coefficients(info, r=r, **hp)
+        c = jnp.where(info.valid, q / info.work_norms, 0)
+        return jnp.dot(c.astype(clean.dtype), clean, precision=lax.Precision.HIGHEST), {
+            "ratios": fi.ratios,
+            "status": fi.status,
+        }
+    clean = jnp.where(finite[:, None], slices, 0)
+    if rule == "normalized_mean":
+        p = slices.shape[0]
+        norms = jnp.sqrt(lax.psum(jnp.einsum("pd,pd->p", clean, clean), AXIS))
+        valid = norms > 0
+        inv = jnp.where(valid, 1 / jnp.where(valid, norms, 1), 0)
+        if hp.get("output", "code") == "code":
+            w = inv / (hp.get("r") or aggregators.default_rank(p))
+        else:
+            w = inv * jnp.median(norms) / jnp.maximum(jnp.sum(valid), 1)
+        return jnp.dot(w.astype(clean.dtype), clean), {}
+    return aggregators.get(rule).fn(clean, f=f, key=key, **hp), {}
+
+
+def _server_aggregate(cfg: StepConfig, stack, key):
+    rule, pre = aggregators.parse_spec(cfg.rule)
+    hp = dict(cfg.rule_hparams)
+    if rule == "flag" and not pre:
+        agg, fi = aggregators.flag_with_info(stack, **hp)
+        return agg, {"ratios": fi.ratios, "status": fi.status}
+    return aggregators.aggregate(cfg.rule, stack, f=cfg.num_byzantine, key=key, **hp), {}
+
+
+def build_step(
+    model,
+    tx: optax.GradientTransformation,
+    cfg: StepConfig,
+    mesh: jax.sharding.Mesh,
+    params_template: Any,
+) -> tuple[Callable, str, str]:
+    """Compile-ready ``step(state, x, y) -> (state, metrics)``.
+
+    Args:
+      model: a Flax Linen module called as ``model.apply(variables, x, train=True)``.
+      tx: the optax transformation applied to the aggregated gradient.
+      cfg: :class:`StepConfig`.
+      mesh: from :func:`make_mesh`.
+      params_template: a params pytree (for flattening).
+
+    ``x`` is (p, B, H, W, C) float32 and ``y`` (p, B) int32, both sharded along workers. Metrics:
+    ``loss`` (p,), ``accuracy`` (p,) per worker's batch, ``agg_norm``, and for FA ``ratios`` (p,)
+    and ``status``. Returns (jitted step, layout used, fallback reason).
+    """
+    n = mesh.shape[AXIS]
+    _check(cfg, n)
+    layout, why = resolve_layout(cfg, n)
+    p, f = cfg.num_workers, cfg.num_byzantine
+    pl = p // n
+    _, unravel = ravel_pytree(params_template)
+    D = ravel_pytree(params_template)[0].shape[0]
+    Ds = -(-D // n)
+    beta = float(cfg.worker_momentum)
+
+    def loss_fn(params, stats, x, y):
+        has_bn = bool(jax.tree_util.tree_leaves(stats))
+        variables = {"params": params, **({"batch_stats": stats} if has_bn else {})}
+        if has_bn:
+            logits, upd = model.apply(variables, x, train=True, mutable=["batch_stats"])
+            new_stats = upd["batch_stats"]
+        else:
+            logits, new_stats = model.apply(variables, x, train=True), stats
+        loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+        return loss, (new_stats, jnp.mean(jnp.argmax(logits, -1) == y))
+
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+    def worker_rows(params, stats, mom, x, y, key):
+        """Per-device body part: this device's pl workers -> their (pl, D) rows."""
+        widx = lax.axis_index(AXIS) * pl + jnp.arange(pl)
+        x, y = _data_attack(cfg, x, y, widx, jax.random.fold_in(key, 1))
+        (loss, (new_stats, acc)), g = jax.vmap(grad_fn, in_axes=(None, None, 0, 0))(params, stats, x, y)
+        rows = jax.vmap(lambda t: ravel_pytree(t)[0])(g)
+        if beta > 0:
+            mom = beta * mom + (1 - beta) * rows
+            rows = mom
+        return rows, loss, acc, new_stats, mom
+
+    def body_server(params, stats, mom, x, y, key):
+        return worker_rows(params, stats, mom, x, y, key)
+
+    def body_sharded(params, stats, mom, x, y, key):
+        rows, loss, acc, new_stats, mom = worker_rows(params, stats, mom, x, y, key)
+        rows = jnp.pad(rows, ((0, 0), (0, n * Ds - D)))
+        slices = lax.all_to_all(rows, AXIS, split_axis=1, concat_axis=0, tiled=True)  # (p, Ds)
+        slices = _gradient_attack(cfg, slices, jax.random.fold_in(key, 2 + lax.axis_index(AXIS)))
+        agg_slice, info = _sharded_aggregate(cfg, slices, jax.random.fold_in(key, 3))
+        agg = lax.all_gather(agg_slice, AXIS, tiled=True)[:D]
+        return agg, loss, acc, new_stats, mom, info
+
+    rep = P()
+    wk = P(AXIS)
+    if layout == "server":
+        mapped = jax.shard_map(
+            body_server,
+            mesh=mesh,
+            in_specs=(rep, rep, wk, wk, wk, rep),
+            out_specs=(wk, wk, wk, wk, wk),
+            check_vma=False,
+        )
+    else:
+        mapped = jax.shard_map(
+            body_sharded,
+            mesh=mesh,
+            in_specs=(rep, rep, wk, wk, wk, rep),
+            out_specs=(rep, wk, wk, wk, wk, rep),
+            check_vma=False,
+        )
+
+    replicated = NamedSharding(mesh, rep)
+
+    def step(state: TrainState, x, y):
+        key = jax.random.fold_in(jax.random.wrap_key_data(state.key), state.step)
+        if layout == "server":
+            rows, loss, acc, stats_w, mom = mapped(state.params, state.batch_stats, state.worker_mom, x, y, key)
+            stack = lax.with_sharding_constraint(rows, replicated)  # gather to the server(s)
+            stack = _gradient_attack(cfg, stack, jax.random.fold_in(key, 2))
+            agg, info = _server_aggregate(cfg, stack, jax.random.fold_in(key, 3))
+        else:
+            agg, loss, acc, stats_w, mom, info = mapped(
+                state.params, state.batch_stats, state.worker_mom, x, y, key
+            )
+        stats = jax.tree.map(lambda s: jnp.mean(s, axis=0), stats_w)
+        grads = unravel(agg.astype(jnp.float32))
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        new = TrainState(state.step + 1, params, stats, opt_state, mom, state.key)
+        metrics = {"loss": loss, "accuracy": acc, "agg_norm": jnp.linalg.norm(agg), **info}
+        return new, metrics
+
+    return jax.jit(step, donate_argnums=(0,)), layout, why
+
+
+def init_worker_momentum(cfg: StepConfig, params_template, mesh) -> jax.Array:
+    """(p, D) zeros sharded along workers (a (p, 0) array when worker momentum is off)."""
+    D = ravel_pytree(params_template)[0].shape[0] if cfg.worker_momentum > 0 else 0
+    return jax.device_put(np.zeros((cfg.num_workers, D), np.float32), NamedSharding(mesh, P(AXIS)))
