@@ -71,9 +71,7 @@ def flag_suite(p: int, dims, quick: bool):
     rows = []
     r = flagjax.aggregators.default_rank(p)
     mean = jax.jit(lambda g: flagjax.aggregate("mean", g, f=0))
-    flag = jax.jit(
-        lambda g, lam: flagjax.aggregate("flag", g, f=0, lam=lam, max_iters=ITERS, tol=-jnp.inf, r=r)
-    )
+    flag = jax.jit(lambda g, lam: flagjax.aggregate("flag", g, f=0, lam=lam, max_iters=ITERS, tol=-jnp.inf, r=r))
     for d in dims:
         rng = np.random.default_rng(0)
         G = (rng.normal(size=d)[None] + rng.normal(size=(p, d))).astype(np.float32)

@@ -65,9 +65,7 @@ def _demo(args) -> int:
     print("-" * len(header))
     by = {(r["attack"], r["f"], r["rule"]): r for r in rows}
     for atk, f in dict.fromkeys((r["attack"], r["f"]) for r in rows):
-        cells = "  ".join(
-            f"{by[atk, f, r]['cosine']:>10.3f}{by[atk, f, r]['rel_error']:>10.3g}" for r in rules
-        )
+        cells = "  ".join(f"{by[atk, f, r]['cosine']:>10.3f}{by[atk, f, r]['rel_error']:>10.3g}" for r in rules)
         print(f"{atk:<10}{f:>3}  {cells}")
     print(f"\nFA reconstruction ratios, attack=random, f={args.max_f} (last {args.max_f} are Byzantine):")
     print("  " + " ".join(f"{v:.2f}" for v in ratios))

@@ -36,7 +36,8 @@ _IDX_FILES = {
 _IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 _HOW_TO = (
     "Get Fashion-MNIST offline with `apt-get install dataset-fashion-mnist` (as root; files land in "
-    f"{DEBIAN_FASHION_MNIST}), or put the four IDX files ({', '.join(v + '.gz' for v in _IDX_FILES.values())}) "
+    f"{DEBIAN_FASHION_MNIST}), or put the four IDX files "
+    f"({', '.join(v + '.gz' for v in _IDX_FILES.values())}) "
     "in a folder and pass --data-dir or set FLAGJAX_DATA_DIR; with a network, use a TFDS name such as "
     "'tfds:fashion_mnist'."
 )

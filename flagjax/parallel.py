@@ -255,7 +255,7 @@ def build_step(
     n = mesh.shape[AXIS]
     _check(cfg, n)
     layout, why = resolve_layout(cfg, n)
-    p, f = cfg.num_workers, cfg.num_byzantine
+    p = cfg.num_workers
     pl = p // n
     _, unravel = ravel_pytree(params_template)
     D = ravel_pytree(params_template)[0].shape[0]
@@ -327,9 +327,7 @@ def build_step(
             stack = _gradient_attack(cfg, stack, jax.random.fold_in(key, 2))
             agg, info = _server_aggregate(cfg, stack, jax.random.fold_in(key, 3))
         else:
-            agg, loss, acc, stats_w, mom, info = mapped(
-                state.params, state.batch_stats, state.worker_mom, x, y, key
-            )
+            agg, loss, acc, stats_w, mom, info = mapped(state.params, state.batch_stats, state.worker_mom, x, y, key)
         stats = jax.tree.map(lambda s: jnp.mean(s, axis=0), stats_w)
         grads = unravel(agg.astype(jnp.float32))
         updates, opt_state = tx.update(grads, state.opt_state, state.params)

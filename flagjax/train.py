@@ -126,7 +126,11 @@ class TrainConfig:
                 f"rule {rule!r} with num_workers={self.num_workers} requires {r.requirement}",
             )
         if rule == "flag" and "r" in self.rule_hparams and not 1 <= int(self.rule_hparams["r"]) <= self.num_workers:
-            bad("rule_hparams.r", self.rule_hparams["r"], f"must satisfy 1 <= r <= num_workers={self.num_workers}")
+            bad(
+                "rule_hparams.r",
+                self.rule_hparams["r"],
+                f"must satisfy 1 <= r <= num_workers={self.num_workers}",
+            )
         if self.layout not in ("server", "sharded"):
             bad("layout", self.layout, "allowed: server, sharded")
         if self.lr <= 0:
@@ -290,9 +294,7 @@ def _global_array(mesh, arr: np.ndarray) -> jax.Array:
 def _checkpoint_manager(path: Path):
     import orbax.checkpoint as ocp
 
-    return ocp.CheckpointManager(
-        path.absolute(), options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True)
-    )
+    return ocp.CheckpointManager(path.absolute(), options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True))
 
 
 def run(
@@ -316,9 +318,7 @@ def run(
         out.mkdir(parents=True, exist_ok=True)
     ds = dataset or data.load_dataset(cfg.dataset, cfg.data_dir or None)
     train_x, train_y, val_x, val_y = _split_validation(ds, cfg.val_fraction, cfg.seed)
-    shards = data.shard_indices(
-        train_y, cfg.num_workers, scheme=cfg.shard, alpha=cfg.dirichlet_alpha, seed=cfg.seed
-    )
+    shards = data.shard_indices(train_y, cfg.num_workers, scheme=cfg.shard, alpha=cfg.dirichlet_alpha, seed=cfg.seed)
     sampler = data.WorkerSampler(shards, cfg.batch_size, seed=cfg.seed)
     steps_per_epoch = max(1, min(len(s) for s in shards) // cfg.batch_size)
 
@@ -357,10 +357,7 @@ def run(
         key=jax.random.key_data(jax.random.key(cfg.seed + 1)),
     )
     state = state._replace(
-        **{
-            k: jax.device_put(getattr(state, k), rep)
-            for k in ("step", "params", "batch_stats", "opt_state", "key")
-        }
+        **{k: jax.device_put(getattr(state, k), rep) for k in ("step", "params", "batch_stats", "opt_state", "key")}
     )
 
     ckpt = _checkpoint_manager(out / "checkpoints") if (cfg.checkpoint_every or cfg.resume) else None

@@ -47,9 +47,7 @@ def test_reverse_signflip_ipm_mimic():
     rev = np.asarray(attacks.attack("reverse", h, f=2, key=jax.random.key(0)))
     for row in rev:  # each is -10 x some honest row
         assert min(np.abs(row + 10 * np.asarray(h)[i]).max() for i in range(12)) < 1e-4
-    np.testing.assert_allclose(
-        attacks.attack("signflip", h, f=1, key=jax.random.key(0))[0], -m, rtol=1e-5
-    )
+    np.testing.assert_allclose(attacks.attack("signflip", h, f=1, key=jax.random.key(0))[0], -m, rtol=1e-5)
     ipm = np.asarray(attacks.attack("ipm", h, f=2, key=jax.random.key(0), eps=0.5))
     assert np.all(ipm @ m < 0)
     np.testing.assert_allclose(ipm[0], -0.5 * m, rtol=1e-5)
@@ -107,9 +105,7 @@ def test_optimal_attacks_beat_fixed_factor(rule):
 @pytest.mark.parametrize("kind", ["minmax", "minsum"])
 def test_minmax_minsum_stay_within_honest_spread(kind):
     h = np.asarray(_honest(), np.float64)
-    out = np.asarray(
-        attacks.attack(kind, jnp.asarray(h, jnp.float32), f=2, key=jax.random.key(0)), np.float64
-    )[0]
+    out = np.asarray(attacks.attack(kind, jnp.asarray(h, jnp.float32), f=2, key=jax.random.key(0)), np.float64)[0]
     D = np.sum((h[:, None] - h[None]) ** 2, -1)
     d_out = np.sum((h - out) ** 2, -1)
     if kind == "minmax":

@@ -75,12 +75,8 @@ def test_rule_parity(x64, name, p, f, d):
 @pytest.mark.parametrize("p,f,d", CASES)
 def test_preaggregator_parity(x64, p, f, d):
     g = _stack(p, d, seed=7 * p + d)
-    np.testing.assert_allclose(
-        flagjax.aggregators.pre.nnm(jnp.asarray(g), f=f), pre.NNM(f=f)(g.copy()), rtol=1e-9
-    )
-    np.testing.assert_allclose(
-        flagjax.aggregators.pre.arc(jnp.asarray(g), f=f), pre.ARC(f=f)(g.copy()), rtol=1e-9
-    )
+    np.testing.assert_allclose(flagjax.aggregators.pre.nnm(jnp.asarray(g), f=f), pre.NNM(f=f)(g.copy()), rtol=1e-9)
+    np.testing.assert_allclose(flagjax.aggregators.pre.arc(jnp.asarray(g), f=f), pre.ARC(f=f)(g.copy()), rtol=1e-9)
     np.testing.assert_allclose(
         flagjax.aggregators.pre.clip(jnp.asarray(g), c=2.0), pre.Clipping(c=2.0)(g.copy()), rtol=1e-9
     )

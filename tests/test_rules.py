@@ -202,9 +202,7 @@ TRANSLATION = ["median", "trimmed_mean", "meamed", "phocas", "krum", "multi_krum
 def test_translation_and_scale_equivariance(x64, name):
     g = _data(11, 30, seed=4)
     t = np.random.default_rng(0).normal(size=30) * 5
-    base = np.asarray(
-        flagjax.aggregate(name, jnp.asarray(g), f=2, **({"tol": 1e-13} if name == "geomed" else {}))
-    )
+    base = np.asarray(flagjax.aggregate(name, jnp.asarray(g), f=2, **({"tol": 1e-13} if name == "geomed" else {})))
     kw = {"tol": 1e-13} if name == "geomed" else {}
     moved = np.asarray(flagjax.aggregate(name, jnp.asarray(g + t), f=2, **kw))
     scaled = np.asarray(flagjax.aggregate(name, jnp.asarray(3.5 * g), f=2, **kw))
@@ -296,9 +294,7 @@ def test_bucketing_and_arc(x64):
 
 def test_nonfinite_rows_do_not_break_robust_rules():
     honest, _ = _breakdown_stack(15, 3)
-    g = np.concatenate(
-        [honest, np.full((1, 50), np.nan), np.full((1, 50), np.inf), np.full((1, 50), -np.inf)]
-    )
+    g = np.concatenate([honest, np.full((1, 50), np.nan), np.full((1, 50), np.inf), np.full((1, 50), -np.inf)])
     for name in aggregators.names():
         if name == "mean":
             continue
@@ -340,9 +336,7 @@ def ref_caf(g, f):
 @pytest.mark.parametrize("p,f,d", SHAPES)
 def test_caf_matches_reference(x64, p, f, d):
     g = _data(p, d, seed=p + d)
-    np.testing.assert_allclose(
-        flagjax.aggregate("caf", jnp.asarray(g), f=f), ref_caf(g, f), rtol=1e-7, atol=1e-8
-    )
+    np.testing.assert_allclose(flagjax.aggregate("caf", jnp.asarray(g), f=f), ref_caf(g, f), rtol=1e-7, atol=1e-8)
 
 
 @pytest.mark.parametrize("iters", [1, 2, 3, 6])

@@ -149,9 +149,7 @@ register(Rule("flag", flag, sanitize=False))
 # ---------------------------------------------------------------------------------- normalized_mean
 
 
-def normalized_mean(
-    stack: jax.Array, *, f: int = 0, key=None, output: str = "code", r: int | None = None
-) -> jax.Array:
+def normalized_mean(stack: jax.Array, *, f: int = 0, key=None, output: str = "code", r: int | None = None) -> jax.Array:
     """Mean of unit-normalised gradients: FA's normalisation without its subspace (an ablation of FA).
 
     With x_i = g_i / ||g_i|| over the non-zero rows (non-finite rows are zeroed by the registry):
@@ -169,14 +167,18 @@ def normalized_mean(
         raise ValueError(f"output must be one of {FLAG_OUTPUTS}; got {output!r}")
     p = stack.shape[0]
     r = default_rank(p) if r is None else r
+    from flagjax.aggregators.distance import combine
+
     norms = jnp.sqrt(jnp.einsum("pd,pd->p", stack, stack, precision=lax.Precision.HIGHEST))
+    finite = jnp.isfinite(norms)
+    norms = jnp.where(finite, norms, 0)
     valid = norms > 0
     inv = jnp.where(valid, 1 / jnp.where(valid, norms, 1), 0)
     if output == "code":
         w = inv / r
     else:
         w = inv * jnp.median(norms) / jnp.maximum(jnp.sum(valid), 1)
-    return jnp.dot(w.astype(stack.dtype), stack, precision=lax.Precision.HIGHEST)
+    return combine(w, stack, finite)
 
 
-register(Rule("normalized_mean", normalized_mean))
+register(Rule("normalized_mean", normalized_mean, sanitize=False))

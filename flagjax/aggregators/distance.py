@@ -25,6 +25,9 @@ from flagjax.aggregators.registry import Rule, register
 
 __all__ = [
     "pairwise_sq_distances",
+    "gram_and_valid",
+    "combine",
+    "masked_matvec",
     "krum_scores",
     "krum",
     "multi_krum",
@@ -45,6 +48,41 @@ def _work(stack):
     return stack.astype(jnp.promote_types(stack.dtype, jnp.float32))
 
 
+def gram_and_valid(stack: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Raw Gram matrix with non-finite rows zeroed, and the (p,) mask of finite rows.
+
+    A row holding NaN/Inf (or whose squared norm overflows) has a non-finite Gram diagonal; its Gram
+    row and column are set to 0, which is exactly the Gram matrix of the stack with that row replaced
+    by zeros, without a pass over the data to sanitise it. Use :func:`combine` for the output.
+    """
+    K = solver.gram_matrix(_work(stack))
+    valid = jnp.isfinite(jnp.diagonal(K))
+    return jnp.where(valid[:, None] & valid[None, :], K, 0), valid
+
+
+def combine(w: jax.Array, stack: jax.Array, valid: jax.Array | None = None) -> jax.Array:
+    """sum_i w_i g_i (one pass), or W @ stack for a (q, p) matrix; rows outside ``valid`` count as 0.
+
+    The masked copy is only made when some row is invalid (``lax.cond``), so clean inputs pay nothing.
+    """
+
+    def plain(s):
+        return jnp.dot(w.astype(s.dtype), s, precision=_HIGH)
+
+    if valid is None:
+        return plain(stack)
+    return lax.cond(jnp.all(valid), plain, lambda s: plain(jnp.where(valid[:, None], s, 0)), stack)
+
+
+def masked_matvec(stack: jax.Array, v: jax.Array, valid: jax.Array) -> jax.Array:
+    """(p,) inner products <g_i, v>, 0 for rows outside ``valid`` (masked copy only when needed)."""
+
+    def plain(s):
+        return jnp.dot(s, v.astype(s.dtype), precision=_HIGH)
+
+    return lax.cond(jnp.all(valid), plain, lambda s: plain(jnp.where(valid[:, None], s, 0)), stack)
+
+
 def _distances_from_gram(K: jax.Array) -> jax.Array:
     n = jnp.diagonal(K)
     D = jnp.maximum(n[:, None] + n[None, :] - 2 * K, 0)
@@ -52,10 +90,11 @@ def _distances_from_gram(K: jax.Array) -> jax.Array:
     return D.at[jnp.diag_indices(K.shape[0])].set(0)
 
 
-def pairwise_sq_distances(stack: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """(p, d) -> ((p, p) squared distances, (p, p) Gram matrix), via one Gram product."""
-    K = solver.gram_matrix(_work(stack))
-    return _distances_from_gram(K), K
+def pairwise_sq_distances(stack: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(p, d) -> ((p, p) squared distances, (p, p) Gram matrix, (p,) finite-row mask), via one Gram
+    product; non-finite rows act as zero rows (see :func:`gram_and_valid`)."""
+    K, valid = gram_and_valid(stack)
+    return _distances_from_gram(K), K, valid
 
 
 def _combine(w: jax.Array, stack: jax.Array) -> jax.Array:
@@ -80,14 +119,12 @@ def krum(stack, *, f: int, key=None, neighbours: int | None = None, squared: boo
     ``neighbours`` overrides p - f - 2 (ByzFL uses p - f - 1); ``squared=False`` uses plain distances.
     """
     del key
-    D, _ = pairwise_sq_distances(stack)
+    D, _, valid = pairwise_sq_distances(stack)
     i = jnp.argmin(krum_scores(D, f, neighbours=neighbours, squared=squared))
-    return _combine(jax.nn.one_hot(i, stack.shape[0], dtype=stack.dtype), stack)
+    return combine(jax.nn.one_hot(i, stack.shape[0], dtype=stack.dtype), stack, valid)
 
 
-def multi_krum(
-    stack, *, f: int, key=None, m: int | None = None, neighbours: int | None = None, squared: bool = True
-):
+def multi_krum(stack, *, f: int, key=None, m: int | None = None, neighbours: int | None = None, squared: bool = True):
     """Multi-Krum (Blanchard et al. 2017; El Mhamdi et al. 2018): the mean of the m workers with the
     lowest Krum scores (default m = p - f); requires p >= 2f + 3. (p, d) -> (d,).
 
@@ -99,10 +136,10 @@ def multi_krum(
     m = p - f if m is None else m
     if not 1 <= m <= p:
         raise ValueError(f"m must satisfy 1 <= m <= p = {p}; got m = {m}")
-    D, _ = pairwise_sq_distances(stack)
+    D, _, valid = pairwise_sq_distances(stack)
     _, idx = lax.top_k(-krum_scores(D, f, neighbours=neighbours, squared=squared), m)
     w = jnp.zeros((p,), stack.dtype).at[idx].set(1.0 / m)
-    return _combine(w, stack)
+    return combine(w, stack, valid)
 
 
 def bulyan(stack, *, f: int, key=None, squared: bool = True):
@@ -119,7 +156,7 @@ def bulyan(stack, *, f: int, key=None, squared: bool = True):
     p = stack.shape[0]
     theta = p - 2 * f
     beta = theta - 2 * f
-    D, _ = pairwise_sq_distances(stack)
+    D, _, valid = pairwise_sq_distances(stack)
     Dm = D if squared else jnp.sqrt(D)
     removed = jnp.zeros((p,), bool)
     chosen = []
@@ -131,7 +168,8 @@ def bulyan(stack, *, f: int, key=None, squared: bool = True):
         i = jnp.argmin(score)
         chosen.append(i)
         removed = removed.at[i].set(True)
-    sel = stack[jnp.stack(chosen)]
+    chosen = jnp.stack(chosen)
+    sel = jnp.where(valid[chosen][:, None], stack[chosen], 0)
     rows = sorted_rows(sel)
     med = rows[theta // 2] if theta % 2 else (rows[theta // 2 - 1] + rows[theta // 2]) / 2
     return closest_window_mean(rows, med, beta)
@@ -145,9 +183,7 @@ class GeomedInfo(NamedTuple):
     converged: jax.Array
 
 
-def geomed_with_info(
-    stack, *, f: int = 0, key=None, nu=1e-6, tol=1e-6, max_iters: int = 200, init: str = "mean"
-):
+def geomed_with_info(stack, *, f: int = 0, key=None, nu=1e-6, tol=1e-6, max_iters: int = 200, init: str = "mean"):
     """Geometric median argmin_z sum_i ||g_i - z|| by smoothed Weiszfeld (RFA, Pillutla et al. 2022).
 
     z <- sum_i w_i g_i / sum_i w_i with w_i = 1 / max(||g_i - z||, nu), from ``init`` ("mean" or
@@ -159,7 +195,7 @@ def geomed_with_info(
     if init not in ("mean", "zero"):
         raise ValueError(f"init must be 'mean' or 'zero'; got {init!r}")
     p = stack.shape[0]
-    K = solver.gram_matrix(_work(stack))
+    K, valid = gram_and_valid(stack)
     dtype = K.dtype
     n2 = jnp.diagonal(K)
     nu = jnp.asarray(nu, dtype)
@@ -187,7 +223,7 @@ def geomed_with_info(
         return c_new, i + 1, change <= tol * jnp.maximum(size, jnp.finfo(dtype).tiny)
 
     c, steps, done = lax.while_loop(cond, body, (c0, jnp.int32(0), jnp.array(False)))
-    return _combine(c, stack), GeomedInfo(c, steps, done)
+    return combine(c, stack, valid), GeomedInfo(c, steps, done)
 
 
 def geomed(stack, **kwargs):
@@ -212,18 +248,20 @@ def centered_clipping(stack, *, f: int = 0, key=None, center=None, tau=100.0, it
     v0 = jnp.zeros((d,), dtype) if center is None else jnp.asarray(center, dtype).reshape(d)
     if iters <= 2:
         n2 = jnp.einsum("pd,pd->p", work, work, precision=_HIGH)
+        valid = jnp.isfinite(n2)
+        n2 = jnp.where(valid, n2, 0)
         v = v0
         for _ in range(iters):
-            d2 = n2 - 2 * jnp.dot(work, v, precision=_HIGH) + jnp.dot(v, v, precision=_HIGH)
+            d2 = n2 - 2 * masked_matvec(work, v, valid) + jnp.dot(v, v, precision=_HIGH)
             s = jnp.minimum(1, tau / jnp.maximum(jnp.sqrt(jnp.maximum(d2, 0)), tiny))
-            v = v * (1 - jnp.mean(s)) + jnp.dot(s / p, work, precision=_HIGH)
+            v = v * (1 - jnp.mean(s)) + combine(s / p, work, valid)
         return v.astype(stack.dtype)
-    K = solver.gram_matrix(work)
+    K, valid = gram_and_valid(work)
     n2 = jnp.diagonal(K)
     if center is None:
         gv, vv = jnp.zeros((p,), dtype), jnp.zeros((), dtype)
     else:
-        gv = jnp.dot(work, v0, precision=_HIGH)
+        gv = masked_matvec(work, v0, valid)
         vv = jnp.dot(v0, v0, precision=_HIGH)
 
     def body(_, st):
@@ -235,7 +273,7 @@ def centered_clipping(stack, *, f: int = 0, key=None, center=None, tau=100.0, it
         return alpha * (1 - sbar), c * (1 - sbar) + s / p
 
     alpha, c = lax.fori_loop(0, iters, body, (jnp.ones((), dtype), jnp.zeros((p,), dtype)))
-    return (alpha * v0 + jnp.dot(c, work, precision=_HIGH)).astype(stack.dtype)
+    return (alpha * v0 + combine(c, work, valid)).astype(stack.dtype)
 
 
 def subsets(p: int, k: int, *, max_subsets: int, rule: str) -> np.ndarray:
@@ -258,11 +296,11 @@ def mda(stack, *, f: int, key=None, max_subsets: int = 200_000):
     p = stack.shape[0]
     k = p - f
     idx = jnp.asarray(subsets(p, k, max_subsets=max_subsets, rule="mda"))
-    D, _ = pairwise_sq_distances(stack)
+    D, _, valid = pairwise_sq_distances(stack)
     diam = lax.map(lambda s: jnp.max(D[s][:, s]), idx, batch_size=1024)
     best = idx[jnp.argmin(diam)]
     w = jnp.zeros((p,), stack.dtype).at[best].set(1.0 / k)
-    return _combine(w, stack)
+    return combine(w, stack, valid)
 
 
 def monna(stack, *, f: int, key=None, idx: int = 0):
@@ -274,19 +312,23 @@ def monna(stack, *, f: int, key=None, idx: int = 0):
         raise ValueError(f"idx must satisfy 0 <= idx < p = {p}; got {idx}")
     work = _work(stack)  # distances to one row only: two passes, no Gram product
     n2 = jnp.einsum("pd,pd->p", work, work, precision=_HIGH)
-    d2 = n2 - 2 * jnp.dot(work, work[idx], precision=_HIGH) + n2[idx]
+    valid = jnp.isfinite(n2)
+    n2 = jnp.where(valid, n2, 0)
+    anchor = jnp.where(valid[idx], work[idx], 0)
+    dots = masked_matvec(work, anchor, valid)
+    d2 = n2 - 2 * dots + n2[idx]
     d2 = jnp.where(jnp.isnan(d2), jnp.inf, d2).at[idx].set(-1.0)  # itself first
     _, nn = lax.top_k(-d2, p - f)
     w = jnp.zeros((p,), stack.dtype).at[nn].set(1.0 / (p - f))
-    return _combine(w, stack)
+    return combine(w, stack, valid)
 
 
 _half = lambda p: (p - 1) // 2
 _krum_max = lambda p: max((p - 3) // 2, 0)
-register(Rule("krum", krum, _krum_max, "p >= 2f + 3"))
-register(Rule("multi_krum", multi_krum, _krum_max, "p >= 2f + 3"))
-register(Rule("bulyan", bulyan, lambda p: max((p - 3) // 4, 0), "p >= 4f + 3"))
-register(Rule("geomed", geomed, _half, "p > 2f"))
-register(Rule("centered_clipping", centered_clipping, _half, "p > 2f"))
-register(Rule("mda", mda, _half, "p > 2f"))
-register(Rule("monna", monna, _half, "p > 2f"))
+register(Rule("krum", krum, _krum_max, "p >= 2f + 3", sanitize=False))
+register(Rule("multi_krum", multi_krum, _krum_max, "p >= 2f + 3", sanitize=False))
+register(Rule("bulyan", bulyan, lambda p: max((p - 3) // 4, 0), "p >= 4f + 3", sanitize=False))
+register(Rule("geomed", geomed, _half, "p > 2f", sanitize=False))
+register(Rule("centered_clipping", centered_clipping, _half, "p > 2f", sanitize=False))
+register(Rule("mda", mda, _half, "p > 2f", sanitize=False))
+register(Rule("monna", monna, _half, "p > 2f", sanitize=False))

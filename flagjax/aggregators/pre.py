@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from flagjax.aggregators.distance import _work, pairwise_sq_distances
+from flagjax.aggregators.distance import _work, combine, pairwise_sq_distances
 from flagjax.aggregators.registry import PreAggregator, register_pre
 
 __all__ = ["nnm", "bucketing", "arc", "clip", "row_norms"]
@@ -33,10 +33,10 @@ def nnm(stack, *, f: int, key=None):
     p - f nearest rows (itself included). Requires f < p. (p, d) -> (p, d)."""
     del key
     p = stack.shape[0]
-    D, _ = pairwise_sq_distances(stack)
+    D, _, valid = pairwise_sq_distances(stack)
     _, nn = lax.top_k(-D, p - f)  # (p, p - f)
     M = jnp.zeros((p, p), D.dtype).at[jnp.arange(p)[:, None], nn].set(1.0 / (p - f))
-    return _mix(M, stack)
+    return combine(M, stack, valid)
 
 
 def bucketing(stack, *, f: int = 0, key, s: int = 2):
