@@ -24,7 +24,7 @@ demo: venv
 	$(VENV)/bin/flagjax demo
 
 run: venv data
-	$(VENV)/bin/flagjax demo
+	$(VENV)/bin/flagjax compare --config experiments/configs/fashion_cnn.py
 
 lint: venv
 	$(VENV)/bin/ruff check flagjax tests benchmarks $(wildcard experiments notebooks)

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import statistics
 from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
-import jax.scipy.stats  # noqa: F401  (jax.scipy.stats.norm.ppf)
 import numpy as np
 from jax import lax
 
@@ -123,7 +123,7 @@ def _drop(honest, *, f, key, fraction=0.1):
 def alie_z(p: int, f: int) -> float:
     """Baruch et al. (2019): s = floor(p/2 + 1) - f, z = Phi^-1((p - s) / p)."""
     s = math.floor(p / 2 + 1) - f
-    return float(jax.scipy.stats.norm.ppf((p - s) / p))
+    return statistics.NormalDist().inv_cdf((p - s) / p)
 
 
 def _std(honest):

@@ -1,0 +1,190 @@
+"""The training system: per-worker gradients, layouts, device counts, resume, CLI errors."""
+
+import dataclasses
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.flatten_util import ravel_pytree
+
+from flagjax import cli, data, models, parallel, train
+
+
+def synthetic_dataset(n=1200, seed=0, hw=28):
+    """10 classes, each a fixed random 28x28 pattern + noise: learnable in a few steps."""
+    rng = np.random.default_rng(seed)
+    protos = rng.uniform(size=(10, hw, hw, 1)).astype(np.float32)
+    y = rng.integers(0, 10, size=n).astype(np.int32)
+    x = np.clip(protos[y] + 0.3 * rng.normal(size=(n, hw, hw, 1)), 0, 1).astype(np.float32)
+    yt = rng.integers(0, 10, size=300).astype(np.int32)
+    xt = np.clip(protos[yt] + 0.3 * rng.normal(size=(300, hw, hw, 1)), 0, 1).astype(np.float32)
+    return data.Dataset("synthetic", x, y, xt, yt, 10)
+
+
+DS = synthetic_dataset()
+
+
+def _cfg(tmp_path, **kw):
+    base = dict(
+        model="mlp",
+        num_workers=8,
+        num_byzantine=2,
+        attack="alie",
+        rule="flag",
+        batch_size=8,
+        steps=4,
+        eval_every=2,
+        log_every=1,
+        lr=0.05,
+        out_dir=str(tmp_path / "run"),
+    )
+    base.update(kw)
+    return train.TrainConfig(**base)
+
+
+def test_per_worker_gradients_are_per_worker():
+    """Under shard_map the stacked rows must be each worker's own gradient, not the psum."""
+    mesh = parallel.make_mesh(8)
+    model = models.make_model("mlp", 10)
+    params = model.init(jax.random.key(0), jnp.zeros((1, 28, 28, 1)))["params"]
+    cfg = parallel.StepConfig(num_workers=8, num_byzantine=0, rule="mean", attack="none")
+    captured = {}
+
+    def spy(stack, **kwargs):
+        jax.debug.callback(lambda a: captured.__setitem__("stack", np.asarray(a)), stack)
+        return stack.mean(0)
+
+    from flagjax.aggregators import registry
+
+    registry._REGISTRY["_spy"] = registry.Rule("_spy", spy, sanitize=False)
+    try:
+        cfg = dataclasses.replace(cfg, rule="_spy")
+        tx = optax.sgd(0.0)
+        step, layout, _ = parallel.build_step(model, tx, cfg, mesh, params)
+        x = DS.train_x[:64].reshape(8, 8, 28, 28, 1)
+        y = DS.train_y[:64].reshape(8, 8)
+        state = parallel.TrainState(
+            jnp.int32(0),
+            jax.tree.map(jnp.copy, params),  # the step donates its state
+            {},
+            tx.init(params),
+            parallel.init_worker_momentum(cfg, params, mesh),
+            jax.random.key_data(jax.random.key(0)),
+        )
+        jax.block_until_ready(step(state, jnp.asarray(x), jnp.asarray(y)))
+    finally:
+        del registry._REGISTRY["_spy"]
+    stack = captured["stack"]
+
+    def loss(p, xb, yb):
+        return optax.softmax_cross_entropy_with_integer_labels(model.apply({"params": p}, xb), yb).mean()
+
+    for k in range(8):
+        g = ravel_pytree(jax.grad(loss)(params, x[k], y[k]))[0]
+        np.testing.assert_allclose(stack[k], g, rtol=2e-4, atol=2e-6)
+    assert np.linalg.norm(stack[0] - stack[1]) > 1e-3 * np.linalg.norm(stack[0])
+
+
+@pytest.mark.parametrize("layout", ["server", "sharded"])
+def test_end_to_end_each_layout(tmp_path, layout):
+    res = train.run(_cfg(tmp_path, layout=layout, num_devices=8), dataset=DS)
+    assert res.layout == layout
+    lines = [json.loads(s) for s in res.metrics_path.read_text().splitlines()]
+    assert [r["step"] for r in lines] == [1, 2, 3, 4]
+    assert "test_accuracy" in lines[1] and "ratios" in lines[0] and len(lines[0]["ratios"]) == 8
+    assert all(np.isfinite(r["loss"]) for r in lines)
+
+
+@pytest.mark.parametrize(
+    "rule,attack", [("flag", "alie"), ("median", "signflip"), ("mean", "ipm"), ("trimmed_mean", "lotka_volterra")]
+)
+def test_sharded_equals_server(tmp_path, rule, attack):
+    out = {}
+    for layout in ("server", "sharded"):
+        cfg = _cfg(tmp_path / layout, layout=layout, num_devices=8, rule=rule, attack=attack, steps=3)
+        out[layout] = train.run(cfg, dataset=DS)
+        assert out[layout].layout == layout
+    a = ravel_pytree(out["server"].params)[0]
+    b = ravel_pytree(out["sharded"].params)[0]
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_sharded_falls_back_for_whole_row_rules(tmp_path):
+    res = train.run(_cfg(tmp_path, layout="sharded", num_devices=8, rule="multi_krum", steps=1), dataset=DS)
+    assert res.layout == "server" and "multi_krum" in res.layout_note
+
+
+@pytest.mark.parametrize("rule,atol", [("mean", 1e-6), ("median", 1e-6), ("flag", 1e-4)])
+def test_one_device_equals_eight(tmp_path, rule, atol):
+    """Same numbers on 1 and 8 devices. The per-worker gradients differ by float32 rounding (different
+    XLA fusions); mean/median pass that through, FA's IRLS (weights up to eps^-1/2 = 1e3) amplifies
+    it to ~1e-5 after 4 steps, hence its looser bound."""
+    runs = [
+        train.run(_cfg(tmp_path / str(n), num_devices=n, rule=rule, attack="random", worker_momentum=0.9), dataset=DS)
+        for n in (1, 8)
+    ]
+    np.testing.assert_allclose(ravel_pytree(runs[0].params)[0], ravel_pytree(runs[1].params)[0], rtol=1e-5, atol=atol)
+
+
+def test_resume_matches_uninterrupted(tmp_path):
+    full = train.run(_cfg(tmp_path / "full", steps=6, attack="random", worker_momentum=0.5), dataset=DS)
+    part = _cfg(tmp_path / "part", steps=6, attack="random", worker_momentum=0.5, checkpoint_every=3)
+
+    class Crash(Exception):
+        pass
+
+    def crash_at_5(step, rec):
+        if step == 5:
+            raise Crash
+
+    with pytest.raises(Crash):  # dies after the step-3 checkpoint, mid-way through step 5's bookkeeping
+        train.run(part, dataset=DS, on_step=crash_at_5)
+    resumed = train.run(dataclasses.replace(part, resume=True), dataset=DS)
+    np.testing.assert_array_equal(ravel_pytree(full.params)[0], ravel_pytree(resumed.params)[0])
+    a = [json.loads(s) for s in full.metrics_path.read_text().splitlines()]
+    b = [json.loads(s) for s in resumed.metrics_path.read_text().splitlines()]
+    drop = ("wall_time", "step_time")
+    assert [{k: v for k, v in r.items() if k not in drop} for r in a] == [
+        {k: v for k, v in r.items() if k not in drop} for r in b
+    ]
+
+
+def test_training_learns_and_flag_resists_random_attack(tmp_path):
+    accs = {}
+    for rule in ("flag", "mean"):
+        cfg = _cfg(tmp_path / rule, rule=rule, attack="random", steps=30, eval_every=30, lr=0.1, batch_size=16)
+        accs[rule] = train.run(cfg, dataset=DS).final["test_accuracy"]
+    assert accs["flag"] > 0.8, accs
+    assert accs["mean"] < 0.5, accs
+
+
+@pytest.mark.parametrize(
+    "args,msg",
+    [
+        (["train", "num_byzantine=8", "num_workers=8"], "num_byzantine"),
+        (["train", "rule=bulyan", "num_workers=10", "num_byzantine=2"], "p >= 4f + 3"),
+        (["train", "rule_hparams.r=99", "num_workers=8"], "rule_hparams.r"),
+        (["train", "attack=nope"], "attack"),
+        (["train", "model=vgg"], "model"),
+        (["train", "dataset=cifar"], "dataset"),
+        (["train", "lr=-1"], "lr"),
+        (["train", "nope=1"], "unknown config key"),
+        (["train", "steps=abc"], "steps"),
+        (["train", "rule=krum", "num_byzantine=7"], "num_byzantine"),
+    ],
+)
+def test_cli_config_errors_exit_2(capsys, args, msg):
+    assert cli.main(args) == 2
+    err = capsys.readouterr().err
+    assert msg in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_cli_missing_data_says_how_to_get_it(capsys, tmp_path, monkeypatch):
+    monkeypatch.setattr(data, "DEBIAN_FASHION_MNIST", tmp_path / "nowhere")
+    monkeypatch.delenv("FLAGJAX_DATA_DIR", raising=False)
+    assert cli.main(["train", "steps=1", f"out_dir={tmp_path}/o"]) == 2
+    err = capsys.readouterr().err
+    assert "dataset-fashion-mnist" in err and "FLAGJAX_DATA_DIR" in err
