@@ -334,6 +334,8 @@ def build_step(
         params = optax.apply_updates(state.params, updates)
         new = TrainState(state.step + 1, params, stats, opt_state, mom, state.key)
         metrics = {"loss": loss, "accuracy": acc, "agg_norm": jnp.linalg.norm(agg), **info}
+        # replicated, so every process (multi-host) can read them
+        metrics = jax.tree.map(lambda a: lax.with_sharding_constraint(a, replicated), metrics)
         return new, metrics
 
     return jax.jit(step, donate_argnums=(0,)), layout, why
