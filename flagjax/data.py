@@ -20,6 +20,7 @@ __all__ = [
     "write_idx",
     "find_idx_dir",
     "load_dataset",
+    "synthetic_dataset",
     "shard_indices",
     "WorkerSampler",
     "lotka_volterra_map",
@@ -139,13 +140,16 @@ def load_dataset(name: str = "fashion_mnist", data_dir: str | os.PathLike | None
 
     * ``"fashion_mnist"`` / ``"mnist"``: IDX files from ``data_dir``, $FLAGJAX_DATA_DIR or (Fashion-MNIST)
       Debian's ``/usr/share/datasets/fashion-mnist``; no network.
+    * ``"synthetic"``: :func:`synthetic_dataset`, for smoke tests and ``--quick`` experiment runs.
     * ``"tfds:<name>"`` (e.g. ``tfds:cifar10``): through tensorflow-datasets' ``data_source`` (needs the
       ``flagjax[tfds]`` extra and a prepared or downloadable data set).
     """
     if name.startswith("tfds:"):
         return _load_tfds(name[5:], data_dir)
+    if name == "synthetic":
+        return synthetic_dataset()
     if name not in ("fashion_mnist", "mnist"):
-        raise ValueError(f"dataset must be 'fashion_mnist', 'mnist' or 'tfds:<name>'; got {name!r}")
+        raise ValueError(f"dataset must be 'fashion_mnist', 'mnist', 'synthetic' or 'tfds:<name>'; got {name!r}")
     if name == "mnist" and data_dir is None and not os.environ.get("FLAGJAX_DATA_DIR"):
         raise FileNotFoundError("dataset 'mnist' needs --data-dir (a folder with MNIST's four IDX files)")
     folder = find_idx_dir(data_dir)
@@ -178,6 +182,20 @@ def _load_tfds(name: str, data_dir) -> Dataset:
         splits[split] = (_images(x), y)
     num_classes = int(max(splits["train"][1].max(), splits["test"][1].max())) + 1
     return Dataset(f"tfds:{name}", *splits["train"], *splits["test"], num_classes)
+
+
+def synthetic_dataset(n_train: int = 6000, n_test: int = 1000, seed: int = 0) -> Dataset:
+    """A learnable stand-in with Fashion-MNIST's shapes: 10 fixed random 28x28 class prototypes plus
+    pixel noise (sigma 0.3), clipped to [0, 1]. For smoke tests and ``--quick`` runs only."""
+    rng = np.random.default_rng(seed)
+    protos = rng.uniform(size=(10, 28, 28, 1)).astype(np.float32)
+
+    def draw(n):
+        y = rng.integers(0, 10, size=n).astype(np.int32)
+        x = np.clip(protos[y] + 0.3 * rng.normal(size=(n, 28, 28, 1)), 0, 1).astype(np.float32)
+        return x, y
+
+    return Dataset("synthetic", *draw(n_train), *draw(n_test), 10)
 
 
 def shard_indices(

@@ -228,7 +228,10 @@ def _server_aggregate(cfg: StepConfig, stack, key):
     hp = dict(cfg.rule_hparams)
     if rule == "flag" and not pre:
         agg, fi = aggregators.flag_with_info(stack, **hp)
-        return agg, {"ratios": fi.ratios, "status": fi.status}
+        # the paper's Fig. 3 comparison: reconstruction ratios on the (1-D) mean direction
+        m = aggregators.mean(stack)
+        cos2 = jnp.dot(stack, m) ** 2 / (jnp.einsum("pd,pd->p", stack, stack) * jnp.dot(m, m))
+        return agg, {"ratios": fi.ratios, "status": fi.status, "mean_ratios": jnp.nan_to_num(cos2)}
     return aggregators.aggregate(cfg.rule, stack, f=cfg.num_byzantine, key=key, **hp), {}
 
 
@@ -238,8 +241,15 @@ def build_step(
     cfg: StepConfig,
     mesh: jax.sharding.Mesh,
     params_template: Any,
+    *,
+    dynamic_hparams: tuple[str, ...] = (),
+    jit: bool = True,
 ) -> tuple[Callable, str, str]:
     """Compile-ready ``step(state, x, y) -> (state, metrics)``.
+
+    With ``dynamic_hparams`` (e.g. ``("lam",)``) the step is ``step(state, x, y, hp)`` and ``hp[name]``
+    (traced) overrides the rule hyperparameter, so ``jax.vmap`` over ``(state, hp)`` trains a grid of
+    models in one program (``jit=False`` returns the raw function to vmap before jitting).
 
     Args:
       model: a Flax Linen module called as ``model.apply(variables, x, train=True)``.
@@ -275,9 +285,10 @@ def build_step(
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
-    def worker_rows(params, stats, mom, x, y, key):
+    def worker_rows(params, stats, mom, x, y, key, device=None):
         """Per-device body part: this device's pl workers -> their (pl, D) rows."""
-        widx = lax.axis_index(AXIS) * pl + jnp.arange(pl)
+        device = lax.axis_index(AXIS) if device is None else device
+        widx = device * pl + jnp.arange(pl)
         x, y = _data_attack(cfg, x, y, widx, jax.random.fold_in(key, 1))
         (loss, (new_stats, acc)), g = jax.vmap(grad_fn, in_axes=(None, None, 0, 0))(params, stats, x, y)
         rows = jax.vmap(lambda t: ravel_pytree(t)[0])(g)
@@ -300,7 +311,12 @@ def build_step(
 
     rep = P()
     wk = P(AXIS)
-    if layout == "server":
+    if layout == "server" and n == 1:
+        # one device: no shard_map needed (and vmap over the whole step, as the lambda sweep does, works)
+        def mapped(params, stats, mom, x, y, key):
+            return worker_rows(params, stats, mom, x, y, key, device=0)
+
+    elif layout == "server":
         mapped = jax.shard_map(
             body_server,
             mesh=mesh,
@@ -319,13 +335,19 @@ def build_step(
 
     replicated = NamedSharding(mesh, rep)
 
-    def step(state: TrainState, x, y):
+    def step(state: TrainState, x, y, hp=None):
         key = jax.random.fold_in(jax.random.wrap_key_data(state.key), state.step)
+        scfg = cfg
+        if dynamic_hparams:
+            merged = dict(cfg.rule_hparams)
+            merged.update({k: hp[k] for k in dynamic_hparams})
+            scfg = dataclasses.replace(cfg, rule_hparams=tuple(merged.items()))
         if layout == "server":
             rows, loss, acc, stats_w, mom = mapped(state.params, state.batch_stats, state.worker_mom, x, y, key)
-            stack = lax.with_sharding_constraint(rows, replicated)  # gather to the server(s)
+            # gather to the server(s) (a no-op on one device, skipped so the step can be vmapped)
+            stack = rows if n == 1 else lax.with_sharding_constraint(rows, replicated)
             stack = _gradient_attack(cfg, stack, jax.random.fold_in(key, 2))
-            agg, info = _server_aggregate(cfg, stack, jax.random.fold_in(key, 3))
+            agg, info = _server_aggregate(scfg, stack, jax.random.fold_in(key, 3))
         else:
             agg, loss, acc, stats_w, mom, info = mapped(state.params, state.batch_stats, state.worker_mom, x, y, key)
         stats = jax.tree.map(lambda s: jnp.mean(s, axis=0), stats_w)
@@ -335,9 +357,14 @@ def build_step(
         new = TrainState(state.step + 1, params, stats, opt_state, mom, state.key)
         metrics = {"loss": loss, "accuracy": acc, "agg_norm": jnp.linalg.norm(agg), **info}
         # replicated, so every process (multi-host) can read them
-        metrics = jax.tree.map(lambda a: lax.with_sharding_constraint(a, replicated), metrics)
+        if n > 1:
+            metrics = jax.tree.map(lambda a: lax.with_sharding_constraint(a, replicated), metrics)
         return new, metrics
 
+    if dynamic_hparams and layout != "server":
+        raise ValueError("dynamic_hparams need layout='server'")
+    if not jit:
+        return step, layout, why
     return jax.jit(step, donate_argnums=(0,)), layout, why
 
 

@@ -31,7 +31,10 @@ __all__ = [
     "load_config",
     "make_optimizer",
     "run",
+    "setup",
+    "Setup",
     "RunResult",
+    "plot_accuracy",
 ]
 
 
@@ -49,9 +52,10 @@ class TrainConfig:
     ``num_byzantine`` f (the last f), ``attack`` (gradient attack or data attack "lotka_volterra",
     "noise", "label_flip", "none") with ``attack_hparams`` and ``aug_level`` (LV time t / noise sigma),
     ``worker_momentum``. Aggregation: ``rule`` (e.g. "flag", "nnm+krum") with ``rule_hparams``,
-    ``layout`` ("server"/"sharded"), ``num_devices`` (0 = all). Optimisation: ``optimizer`` (any optax
-    name; "sgd" uses ``momentum``), ``lr``, ``weight_decay``, step schedule ``lr_decay`` every
-    ``lr_decay_epochs`` epochs (the paper: x0.2 every 10), ``batch_size`` per worker, ``steps``.
+    ``layout`` ("server"/"sharded"), ``num_devices`` (0 = the most devices that divide p).
+    Optimisation: ``optimizer`` (any optax name; "sgd" uses ``momentum``), ``lr``, ``weight_decay``,
+    step schedule ``lr_decay`` every ``lr_decay_epochs`` epochs (the paper: x0.2 every 10),
+    ``batch_size`` per worker, ``steps``.
     Bookkeeping: ``seed``, ``eval_every``, ``eval_examples`` (0 = all), ``log_every``, ``out_dir``,
     ``checkpoint_every`` (0 = only at the end), ``resume``.
     """
@@ -101,8 +105,8 @@ class TrainConfig:
             bad("num_byzantine", self.num_byzantine, f"must satisfy 0 <= f < num_workers={self.num_workers}")
         if self.model not in models.MODELS:
             bad("model", self.model, f"allowed: {', '.join(sorted(models.MODELS))}")
-        if not (self.dataset in ("fashion_mnist", "mnist") or self.dataset.startswith("tfds:")):
-            bad("dataset", self.dataset, "allowed: fashion_mnist, mnist, tfds:<name>")
+        if not (self.dataset in ("fashion_mnist", "mnist", "synthetic") or self.dataset.startswith("tfds:")):
+            bad("dataset", self.dataset, "allowed: fashion_mnist, mnist, synthetic, tfds:<name>")
         if self.shard not in ("iid", "dirichlet"):
             bad("shard", self.shard, "allowed: iid, dirichlet")
         if self.dirichlet_alpha <= 0:
@@ -297,25 +301,34 @@ def _checkpoint_manager(path: Path):
     return ocp.CheckpointManager(path.absolute(), options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True))
 
 
-def run(
-    cfg: TrainConfig,
-    *,
-    on_step: Callable[[int, dict], None] | None = None,
-    on_eval: Callable[[int, dict], None] | None = None,
-    dataset: data.Dataset | None = None,
-) -> RunResult:
-    """Train with ``cfg``; write ``out_dir/metrics.jsonl`` (and checkpoints); return a :class:`RunResult`.
+@dataclasses.dataclass
+class Setup:
+    """Everything :func:`run` builds before the loop (also used by benchmarks/train_step.py)."""
 
-    ``dataset`` overrides loading (tests pass small synthetic sets). Metrics lines: ``step``, ``loss``
-    (mean over honest workers), ``train_accuracy``, ``wall_time`` (s since start), ``step_time`` (s),
-    ``agg_norm``, and for FA ``ratios`` (p,) and ``status``; evaluation lines add ``test_accuracy``,
-    ``test_loss`` (and ``val_accuracy`` with a validation split).
-    """
+    dataset: data.Dataset
+    model: Any
+    tx: Any
+    mesh: Any
+    step_fn: Callable
+    layout: str
+    layout_note: str
+    state: parallel.TrainState
+    sampler: data.WorkerSampler
+    train_x: np.ndarray
+    train_y: np.ndarray
+    val_x: np.ndarray | None
+    val_y: np.ndarray | None
+    steps_per_epoch: int
+
+    def batch(self, step: int) -> tuple[jax.Array, jax.Array]:
+        """The global (p, B, ...) inputs and (p, B) labels of ``step``, sharded along workers."""
+        idx = self.sampler.indices(step)
+        return _global_array(self.mesh, self.train_x[idx]), _global_array(self.mesh, self.train_y[idx])
+
+
+def setup(cfg: TrainConfig, dataset: data.Dataset | None = None) -> Setup:
+    """Validate ``cfg``, load data, shard it, build the model, optimiser, mesh, step and initial state."""
     cfg.validate()
-    out = Path(cfg.out_dir)
-    is_main = jax.process_index() == 0
-    if is_main:
-        out.mkdir(parents=True, exist_ok=True)
     ds = dataset or data.load_dataset(cfg.dataset, cfg.data_dir or None)
     train_x, train_y, val_x, val_y = _split_validation(ds, cfg.val_fraction, cfg.seed)
     shards = data.shard_indices(train_y, cfg.num_workers, scheme=cfg.shard, alpha=cfg.dirichlet_alpha, seed=cfg.seed)
@@ -328,7 +341,8 @@ def run(
     stats = variables.get("batch_stats", {})
     tx = make_optimizer(cfg, steps_per_epoch)
 
-    mesh = parallel.make_mesh(cfg.num_devices or None)
+    n_dev = cfg.num_devices or max(d for d in range(1, jax.device_count() + 1) if cfg.num_workers % d == 0)
+    mesh = parallel.make_mesh(n_dev)
     lv_map = None
     if cfg.attack == "lotka_volterra":
         lv_map = data.lotka_volterra_map(train_x.shape[1], train_x.shape[2], cfg.aug_level)
@@ -346,7 +360,6 @@ def run(
         num_classes=ds.num_classes,
     )
     step_fn, layout, note = parallel.build_step(model, tx, scfg, mesh, params)
-
     rep = NamedSharding(mesh, P())
     state = parallel.TrainState(
         step=jnp.int32(0),
@@ -359,6 +372,32 @@ def run(
     state = state._replace(
         **{k: jax.device_put(getattr(state, k), rep) for k in ("step", "params", "batch_stats", "opt_state", "key")}
     )
+    return Setup(
+        ds, model, tx, mesh, step_fn, layout, note, state, sampler, train_x, train_y, val_x, val_y, steps_per_epoch
+    )
+
+
+def run(
+    cfg: TrainConfig,
+    *,
+    on_step: Callable[[int, dict], None] | None = None,
+    on_eval: Callable[[int, dict], None] | None = None,
+    dataset: data.Dataset | None = None,
+) -> RunResult:
+    """Train with ``cfg``; write ``out_dir/metrics.jsonl`` (and checkpoints); return a :class:`RunResult`.
+
+    ``dataset`` overrides loading (tests pass small synthetic sets). Metrics lines: ``step``, ``loss``
+    (mean over honest workers), ``train_accuracy``, ``wall_time`` (s since start), ``step_time`` (s),
+    ``agg_norm``, and for FA ``ratios`` (p,) and ``status``; evaluation lines add ``test_accuracy``,
+    ``test_loss`` (and ``val_accuracy`` with a validation split).
+    """
+    su = setup(cfg, dataset)
+    ds, model, step_fn, layout, note, state = su.dataset, su.model, su.step_fn, su.layout, su.layout_note, su.state
+    val_x, val_y, steps_per_epoch = su.val_x, su.val_y, su.steps_per_epoch
+    out = Path(cfg.out_dir)
+    is_main = jax.process_index() == 0
+    if is_main:
+        out.mkdir(parents=True, exist_ok=True)
 
     ckpt = _checkpoint_manager(out / "checkpoints") if (cfg.checkpoint_every or cfg.resume) else None
     history: list[dict] = []
@@ -383,9 +422,7 @@ def run(
 
     t0 = time.perf_counter()
     for step in range(start_step, cfg.steps):
-        idx = sampler.indices(step)
-        x = _global_array(mesh, train_x[idx])
-        y = _global_array(mesh, train_y[idx])
+        x, y = su.batch(step)
         ts = time.perf_counter()
         state, m = step_fn(state, x, y)
         m = jax.device_get(m)  # blocks: on CPU this also avoids the many-device rendezvous deadlock
@@ -405,6 +442,8 @@ def run(
             if "ratios" in m:
                 rec["ratios"] = [round(float(v), 6) for v in m["ratios"]]
                 rec["status"] = int(m["status"])
+            if "mean_ratios" in m:
+                rec["mean_ratios"] = [round(float(v), 6) for v in m["mean_ratios"]]
             if (cfg.eval_every and done % cfg.eval_every == 0) or done == cfg.steps:
                 params_h = jax.device_get(state.params)
                 stats_h = jax.device_get(state.batch_stats)

@@ -1,0 +1,153 @@
+"""Training-step cost: flag vs mean, sharded vs server, and per-device collective traffic.
+
+Usage:
+    python benchmarks/train_step.py [--quick] [--out benchmarks/results/train_step.md]
+
+Runs with 8 simulated CPU devices (set before JAX starts). Every figure is a ratio of timings taken in
+this run (median over steps after two warm-up steps, each step blocked on).
+
+* step time with ``flag`` / with ``mean``: paper CNN, p = 15, batch 64 per worker, 1 device;
+* sharded / server step time on 8 devices (p = 8, 16, 32 workers, paper CNN, batch 16);
+* bytes each device sends per step, read from the compiled program's collectives (HLO): a ring
+  all-gather or all-to-all sends (n-1)/n of its result, an all-reduce 2(n-1)/n of its operand, a
+  reduce-scatter (n-1)/n of its operand. The sharded layout's traffic must not grow with p.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+
+import argparse  # noqa: E402
+import platform  # noqa: E402
+import re  # noqa: E402
+import statistics  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+from flagjax import data, train  # noqa: E402
+
+_DT = {"f32": 4, "f64": 8, "bf16": 2, "f16": 2, "s32": 4, "u32": 4, "pred": 1, "s8": 1, "u8": 1}
+_COLL = re.compile(r"=\s*(\(?[a-z0-9\[\],{}\s]+?\)?)\s+(all-gather|all-to-all|all-reduce|reduce-scatter)(?:-start)?\(")
+
+
+def _bytes(shape_text: str) -> int:
+    total = 0
+    for dt, dims in re.findall(r"([a-z]+[0-9]*)\[([0-9,]*)\]", shape_text):
+        n = int(np.prod([int(d) for d in dims.split(",") if d])) if dims else 1
+        total += n * _DT.get(dt, 4)
+    return total
+
+
+def collective_bytes(hlo: str, n: int) -> dict[str, float]:
+    """Per-device bytes sent per step by collective kind, from compiled HLO text (ring model)."""
+    out: dict[str, float] = {}
+    for shape, kind in _COLL.findall(hlo):
+        b = _bytes(shape)
+        factor = 2 * (n - 1) / n if kind == "all-reduce" else (n - 1) / n
+        if kind == "reduce-scatter":
+            b *= n  # result is the scattered part; the operand is n times larger
+        out[kind] = out.get(kind, 0.0) + factor * b
+    return out
+
+
+def synthetic(n=4000, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.uniform(size=(n, 28, 28, 1)).astype(np.float32)
+    y = rng.integers(0, 10, n).astype(np.int32)
+    return data.Dataset("synthetic", x, y, x[:500], y[:500], 10)
+
+
+def time_steps(su, steps: int) -> float:
+    state = su.state
+    times = []
+    for s in range(steps + 2):
+        x, y = su.batch(s)
+        t0 = time.perf_counter()
+        state, m = su.step_fn(state, x, y)
+        jax.block_until_ready(m)
+        if s >= 2:
+            times.append(time.perf_counter() - t0)
+    return 1e3 * statistics.median(times)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+    steps = 5 if args.quick else 20
+    ds = synthetic()
+    tmp = tempfile.mkdtemp()
+    base = dict(model="cnn", attack="random", steps=10, out_dir=tmp, num_byzantine=3)
+
+    lines = [
+        "# Training-step benchmark",
+        "",
+        f"Produced by `python benchmarks/train_step.py {' '.join(argv if argv is not None else sys.argv[1:])}`"
+        f" on {platform.machine()}, {os.cpu_count()} CPU cores, JAX {jax.__version__} ({jax.default_backend()},"
+        f" {jax.device_count()} devices); median of {steps} steps after 2 warm-up steps.",
+        "",
+        "## flag vs mean (paper CNN, p = 15, f = 3 random, batch 64 per worker, 1 device)",
+        "",
+        "| rule | step (ms) | / mean |",
+        "|---|---|---|",
+    ]
+    t = {}
+    for rule in ("mean", "flag", "multi_krum", "median"):
+        cfg = train.TrainConfig(**base, rule=rule, num_workers=15, batch_size=64, num_devices=1)
+        t[rule] = time_steps(train.setup(cfg, ds), steps)
+    for rule, v in t.items():
+        lines.append(f"| {rule} | {v:.1f} | {v / t['mean']:.2f} |")
+    print("\n".join(lines), flush=True)
+
+    lines += [
+        "",
+        "## sharded vs server layout (paper CNN, 8 devices, batch 16 per worker, f = 2, ALIE)",
+        "",
+        "Bytes: per device per step, from the compiled HLO's collectives (ring model, see docstring).",
+        "",
+        "| p | rule | server (ms) | sharded (ms) | sharded / server | server bytes/device | sharded bytes/device |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    ps = [8, 16] if args.quick else [8, 16, 32]
+    for p in ps:
+        for rule in ("flag", "median"):
+            res = {}
+            for layout in ("server", "sharded"):
+                cfg = train.TrainConfig(
+                    model="cnn",
+                    attack="alie",
+                    steps=10,
+                    out_dir=tmp,
+                    rule=rule,
+                    num_workers=p,
+                    num_byzantine=2,
+                    batch_size=16,
+                    num_devices=8,
+                    layout=layout,
+                )
+                su = train.setup(cfg, ds)
+                x, y = su.batch(0)
+                hlo = su.step_fn.lower(su.state, x, y).compile().as_text()
+                res[layout] = (time_steps(su, steps), sum(collective_bytes(hlo, 8).values()))
+            (ts, bs), (th, bh) = res["server"], res["sharded"]
+            lines.append(
+                f"| {p} | {rule} | {ts:.1f} | {th:.1f} | {th / ts:.2f} | {bs / 1e6:.2f} MB | {bh / 1e6:.2f} MB |"
+            )
+            print(lines[-1], flush=True)
+    text = "\n".join(lines) + "\n"
+    if args.out:
+        os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+        with open(args.out, "w") as fh:
+            fh.write(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Experiment scripts (one per paper figure or reviewer question); see experiments/common.py."""

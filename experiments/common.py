@@ -1,0 +1,205 @@
+"""Shared machinery of the experiment scripts: run a grid of (setting, rule, seed) training runs, keep
+each run's JSON-lines log, and write a markdown table (mean ± std over seeds) and a plot, both headed
+by the exact command that produced them. Scripts in this folder only declare their grids.
+
+Every script takes ``--quick`` (synthetic data, a few steps: what CI runs), ``--seeds N``,
+``--steps N``, ``--out DIR`` (default ``experiments/results/<name>``) and ``field=value`` overrides.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import shlex
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from flagjax import train
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+# The CPU-sized default of every experiment: real Fashion-MNIST, the paper's CNN, 15 workers, f = 3.
+BASE = dict(
+    dataset="fashion_mnist",
+    model="cnn",
+    num_workers=15,
+    num_byzantine=3,
+    attack="random",
+    batch_size=32,
+    steps=200,
+    lr=0.05,
+    eval_every=50,
+    log_every=20,
+)
+QUICK = dict(dataset="synthetic", steps=4, eval_every=4, log_every=2, eval_examples=200, batch_size=8)
+
+CLASSIC = ("mean", "median", "trimmed_mean", "meamed", "phocas", "multi_krum", "bulyan")
+
+
+@dataclasses.dataclass
+class Cell:
+    """One table cell: a row label, a column label and the config overrides that define it."""
+
+    row: str
+    col: str
+    overrides: dict
+
+
+def parse_args(name: str, description: str, argv=None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog=f"experiments/{name}.py", description=description)
+    ap.add_argument("--quick", action="store_true", help="synthetic data, a few steps (CI smoke run)")
+    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=None, help="override the steps per run")
+    ap.add_argument("--out", default=None, help=f"output folder (default experiments/results/{name})")
+    ap.add_argument("overrides", nargs="*", help="field=value overrides applied to every run")
+    args = ap.parse_args(argv)
+    args.name = name
+    args.argv = list(sys.argv[1:] if argv is None else argv)
+    args.out = Path(args.out) if args.out else RESULTS / (name + ("_quick" if args.quick else ""))
+    return args
+
+
+def base_config(args, **extra) -> train.TrainConfig:
+    fields = dict(BASE)
+    fields.update(extra)
+    if args.quick:
+        fields.update(QUICK)
+    if args.steps:
+        fields["steps"] = args.steps
+        fields["eval_every"] = min(fields["eval_every"], args.steps)
+    cfg = train.TrainConfig(**fields)
+    return train.apply_overrides(cfg, args.overrides)
+
+
+def _slug(text: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in text)
+
+
+def run_cells(args, cells: Sequence[Cell], base: train.TrainConfig, *, progress=True) -> list[dict]:
+    """Run every cell for seeds 0..N-1 (skipping runs whose log is complete); return one record per run."""
+    from tqdm import tqdm
+
+    records = []
+    if args.quick:  # smoke run: a spread of at most 4 cells
+        cells = list(cells)[:: max(1, len(cells) // 4)][:4]
+    jobs = [(c, s) for c in cells for s in range(args.seeds)]
+    bar = tqdm(jobs, desc=args.name, unit="run", file=sys.stderr, disable=not progress)
+    for cell, seed in bar:
+        bar.set_postfix_str(f"{cell.row} | {cell.col} | seed {seed}")
+        out = args.out / "runs" / _slug(f"{cell.row}__{cell.col}__s{seed}")
+        cfg = train.apply_overrides(base, [])
+        for k, v in cell.overrides.items():
+            setattr(cfg, k, v)
+        cfg.seed = seed
+        cfg.out_dir = str(out)
+        metrics = out / "metrics.jsonl"
+        hist = None
+        if metrics.exists():
+            hist = [json.loads(x) for x in metrics.read_text().splitlines() if x.strip()]
+            if not hist or hist[-1]["step"] != cfg.steps:
+                hist = None
+        if hist is None:
+            t0 = time.time()
+            res = train.run(cfg)
+            hist = res.history
+            (out / "run.json").write_text(
+                json.dumps({"config": dataclasses.asdict(cfg), "layout": res.layout, "seconds": time.time() - t0})
+            )
+        fin = hist[-1]
+        records.append(
+            {
+                "row": cell.row,
+                "col": cell.col,
+                "seed": seed,
+                "test_accuracy": fin.get("test_accuracy"),
+                "val_accuracy": fin.get("val_accuracy"),
+                "loss": fin["loss"],
+                "wall_time": fin["wall_time"],
+                "steps": fin["step"],
+                "history": hist,
+            }
+        )
+    return records
+
+
+def command(args) -> str:
+    return "python experiments/" + args.name + ".py " + " ".join(shlex.quote(a) for a in args.argv)
+
+
+def table(records: list[dict], *, value="test_accuracy", fmt="{:.3f}", worst_case=False) -> str:
+    """Markdown table: rows x columns of mean ± std over seeds (optionally a worst-case column)."""
+    rows = list(dict.fromkeys(r["row"] for r in records))
+    cols = list(dict.fromkeys(r["col"] for r in records))
+    cell = {}
+    for r in records:
+        cell.setdefault((r["row"], r["col"]), []).append(r[value])
+    head = "| | " + " | ".join(cols) + (" | worst case |" if worst_case else " |")
+    lines = [head, "|---" * (len(cols) + 1 + worst_case) + "|"]
+    for row in rows:
+        vals, means = [], []
+        for col in cols:
+            v = [x for x in cell.get((row, col), []) if x is not None]
+            if not v:
+                vals.append("—")
+                continue
+            m, s = float(np.mean(v)), float(np.std(v))
+            means.append(m)
+            vals.append(fmt.format(m) + (f" ± {fmt.format(s)}" if len(v) > 1 else ""))
+        extra = [fmt.format(min(means))] if worst_case and means else []
+        lines.append(f"| {row} | " + " | ".join(vals + extra) + " |")
+    return "\n".join(lines)
+
+
+def write_report(args, title: str, body: str, records: list[dict], notes: str = "") -> Path:
+    """Write ``<out>/README.md`` (command, setting, tables) and ``<out>/records.json``."""
+    args.out.mkdir(parents=True, exist_ok=True)
+    seeds = sorted({r["seed"] for r in records})
+    text = (
+        f"# {title}\n\nProduced by:\n\n    {command(args)}\n\n"
+        f"{len(records)} runs, seeds {seeds}"
+        f"{' (QUICK smoke run on synthetic data: not a result)' if args.quick else ''}."
+        f" Values: final test accuracy, mean ± std over seeds.\n\n{body}\n"
+    )
+    if notes:
+        text += f"\n{notes}\n"
+    (args.out / "README.md").write_text(text)
+    slim = [{k: v for k, v in r.items() if k != "history"} for r in records]
+    (args.out / "records.json").write_text(json.dumps(slim, indent=1))
+    return args.out / "README.md"
+
+
+def plot_curves(args, records: list[dict], path_name: str, *, group: Callable[[dict], str], title: str, x="step"):
+    """Test accuracy (mean over seeds) against ``x`` ("step" or "wall_time") per group."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    curves: dict[str, dict[float, list[float]]] = {}
+    for r in records:
+        g = group(r)
+        for h in r["history"]:
+            if "test_accuracy" in h:
+                curves.setdefault(g, {}).setdefault(h["step"], []).append((h[x], h["test_accuracy"]))
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for g, pts in curves.items():
+        steps = sorted(pts)
+        xs = [np.mean([p[0] for p in pts[s]]) for s in steps]
+        ys = [np.mean([p[1] for p in pts[s]]) for s in steps]
+        ax.plot(xs, ys, marker="o", ms=3, label=g)
+    ax.set_xlabel("wall time (s)" if x == "wall_time" else "step")
+    ax.set_ylabel("test accuracy")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / path_name
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

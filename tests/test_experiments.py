@@ -1,0 +1,24 @@
+"""Every experiment script runs end to end in --quick mode (synthetic data, a few steps)."""
+
+import importlib
+
+import pytest
+
+SCRIPTS = [
+    ("fig1_mean_not_robust", []),
+    ("fig2_tolerance", []),
+    ("fig6_augmented", []),
+    ("attack_heatmap", []),
+    ("fig7_lambda_sweep", []),
+    ("fig10_ratio_histogram", []),
+]
+
+
+@pytest.mark.parametrize("name,extra", SCRIPTS)
+def test_quick_run(tmp_path, name, extra):
+    mod = importlib.import_module(f"experiments.{name}")
+    out = tmp_path / name
+    mod.main(["--quick", "--seeds", "1", "--out", str(out), "steps=2", "eval_every=2", *extra])
+    text = (out / "README.md").read_text()
+    assert "Produced by" in text and "QUICK" in text
+    assert "|" in text
