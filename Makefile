@@ -27,8 +27,8 @@ run: venv data
 	$(VENV)/bin/flagjax compare --config experiments/configs/fashion_cnn.py
 
 lint: venv
-	$(VENV)/bin/ruff check flagjax tests benchmarks $(wildcard experiments notebooks)
-	$(VENV)/bin/ruff format --check flagjax tests benchmarks $(wildcard experiments notebooks)
+	$(VENV)/bin/ruff check flagjax tests benchmarks $(wildcard experiments notebooks scripts)
+	$(VENV)/bin/ruff format --check flagjax tests benchmarks $(wildcard experiments notebooks scripts)
 
 test: lint
 	XLA_FLAGS=--xla_force_host_platform_device_count=$(DEVICES) $(PY) -m pytest -q tests
