@@ -10,7 +10,9 @@ this run (median over steps after two warm-up steps, each step blocked on).
 * sharded / server step time on 8 devices (p = 8, 16, 32 workers, paper CNN, batch 16);
 * bytes each device sends per step, read from the compiled program's collectives (HLO): a ring
   all-gather or all-to-all sends (n-1)/n of its result, an all-reduce 2(n-1)/n of its operand, a
-  reduce-scatter (n-1)/n of its operand. The sharded layout's traffic must not grow with p.
+  reduce-scatter (n-1)/n of its operand. The sharded layout sends ~(p/n + 1) D (n-1)/n per device:
+  its own workers' rows out and the aggregate back, so per worker-hosting device it does not grow
+  with p (with one worker per device: ~2 D); the server layout's all-gather grows with p.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ import numpy as np  # noqa: E402
 from flagjax import data, train  # noqa: E402
 
 _DT = {"f32": 4, "f64": 8, "bf16": 2, "f16": 2, "s32": 4, "u32": 4, "pred": 1, "s8": 1, "u8": 1}
-_COLL = re.compile(r"=\s*(\(?[a-z0-9\[\],{}\s]+?\)?)\s+(all-gather|all-to-all|all-reduce|reduce-scatter)(?:-start)?\(")
+_COLL = re.compile(r"^\s*\S+\s*=\s*(.*?)\s(all-gather|all-to-all|all-reduce|reduce-scatter)(?:-start)?\(", re.M)
 
 
 def _bytes(shape_text: str) -> int:
@@ -112,8 +114,9 @@ def main(argv=None):
         "",
         "Bytes: per device per step, from the compiled HLO's collectives (ring model, see docstring).",
         "",
-        "| p | rule | server (ms) | sharded (ms) | sharded / server | server bytes/device | sharded bytes/device |",
-        "|---|---|---|---|---|---|---|",
+        "| p | rule | server (ms) | sharded (ms) | sharded / server | server bytes/device | sharded bytes/device "
+        "| sharded bytes / (p/n + 1) |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     ps = [8, 16] if args.quick else [8, 16, 32]
     for p in ps:

@@ -131,8 +131,20 @@ def _train(args) -> int:
     bar, on_step = _progress(cfg.steps, f"{cfg.rule} | {cfg.attack} f={cfg.num_byzantine}")
     if not main:
         bar.disable = True
-    res = train.run(cfg, on_step=on_step)
-    bar.close()
+    try:
+        res = train.run(cfg, on_step=on_step)
+    except Exception as err:  # noqa: BLE001
+        if jax.process_count() == 1 or isinstance(err, (ValueError, KeyError, FileNotFoundError)):
+            raise
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        print(
+            f"flagjax train: error: process {jax.process_index()} of {jax.process_count()} stopped: a peer process "
+            f"failed or became unreachable ({type(err).__name__}: {first[:300]})",
+            file=sys.stderr,
+        )
+        return 1
+    finally:
+        bar.close()
     if main:
         if res.layout_note:
             print(f"note: layout 'sharded' fell back to 'server': {res.layout_note}")

@@ -96,6 +96,10 @@ class StepConfig:
       layout: "server" or "sharded" (see module docstring).
       lv_map: (H*W,) gather map for ``lotka_volterra`` (from ``flagjax.data.lotka_volterra_map``).
       num_classes: labels for ``label_flip`` (y -> num_classes - 1 - y).
+      drop_prob: stragglers/dropouts: each round every worker's row is missing with this probability.
+        A missing row is sent as NaN, i.e. treated as Byzantine input: robust rules zero or drop it
+        (FA gives it weight 0), so the declared f must cover attackers plus expected dropouts; the
+        mean is poisoned (documented: it is not robust).
     """
 
     num_workers: int
@@ -109,6 +113,7 @@ class StepConfig:
     layout: str = "server"
     lv_map: Any = None
     num_classes: int = 10
+    drop_prob: float = 0.0
 
 
 class TrainState(NamedTuple):
@@ -178,6 +183,14 @@ def _data_attack(cfg: StepConfig, x, y, worker_idx, key):
     flat = jnp.concatenate([x.reshape(pl, b, h * w, c), jnp.zeros((pl, b, 1, c), x.dtype)], axis=2)
     moved = flat[:, :, jnp.asarray(cfg.lv_map), :].reshape(x.shape)
     return jnp.where(byz[:, None, None, None, None], moved, x), y
+
+
+def _drop_rows(cfg: StepConfig, stack, key):
+    """Rows of workers that did not report this round become NaN (see ``StepConfig.drop_prob``)."""
+    if cfg.drop_prob <= 0:
+        return stack
+    missing = jax.random.bernoulli(key, cfg.drop_prob, (cfg.num_workers,))
+    return jnp.where(missing[:, None], jnp.nan, stack)
 
 
 def _gradient_attack(cfg: StepConfig, stack, key):
@@ -305,6 +318,7 @@ def build_step(
         rows = jnp.pad(rows, ((0, 0), (0, n * Ds - D)))
         slices = lax.all_to_all(rows, AXIS, split_axis=1, concat_axis=0, tiled=True)  # (p, Ds)
         slices = _gradient_attack(cfg, slices, jax.random.fold_in(key, 2 + lax.axis_index(AXIS)))
+        slices = _drop_rows(cfg, slices, jax.random.fold_in(key, 4))  # same mask on every device
         agg_slice, info = _sharded_aggregate(cfg, slices, jax.random.fold_in(key, 3))
         agg = lax.all_gather(agg_slice, AXIS, tiled=True)[:D]
         return agg, loss, acc, new_stats, mom, info
@@ -347,6 +361,7 @@ def build_step(
             # gather to the server(s) (a no-op on one device, skipped so the step can be vmapped)
             stack = rows if n == 1 else lax.with_sharding_constraint(rows, replicated)
             stack = _gradient_attack(cfg, stack, jax.random.fold_in(key, 2))
+            stack = _drop_rows(cfg, stack, jax.random.fold_in(key, 4))
             agg, info = _server_aggregate(scfg, stack, jax.random.fold_in(key, 3))
         else:
             agg, loss, acc, stats_w, mom, info = mapped(state.params, state.batch_stats, state.worker_mom, x, y, key)
@@ -369,6 +384,7 @@ def build_step(
 
 
 def init_worker_momentum(cfg: StepConfig, params_template, mesh) -> jax.Array:
-    """(p, D) zeros sharded along workers (a (p, 0) array when worker momentum is off)."""
-    D = ravel_pytree(params_template)[0].shape[0] if cfg.worker_momentum > 0 else 0
+    """(p, D) zeros sharded along workers (an unused (p, 1) placeholder when worker momentum is off:
+    orbax cannot checkpoint zero-size arrays)."""
+    D = ravel_pytree(params_template)[0].shape[0] if cfg.worker_momentum > 0 else 1
     return jax.device_put(np.zeros((cfg.num_workers, D), np.float32), NamedSharding(mesh, P(AXIS)))

@@ -51,7 +51,8 @@ class TrainConfig:
     validation; test accuracy is always on the test split). Workers: ``num_workers`` p,
     ``num_byzantine`` f (the last f), ``attack`` (gradient attack or data attack "lotka_volterra",
     "noise", "label_flip", "none") with ``attack_hparams`` and ``aug_level`` (LV time t / noise sigma),
-    ``worker_momentum``. Aggregation: ``rule`` (e.g. "flag", "nnm+krum") with ``rule_hparams``,
+    ``worker_momentum``, ``drop_prob`` (stragglers: a missing row is treated as Byzantine, sent as
+    NaN). Aggregation: ``rule`` (e.g. "flag", "nnm+krum") with ``rule_hparams``,
     ``layout`` ("server"/"sharded"), ``num_devices`` (0 = the most devices that divide p).
     Optimisation: ``optimizer`` (any optax name; "sgd" uses ``momentum``), ``lr``, ``weight_decay``,
     step schedule ``lr_decay`` every ``lr_decay_epochs`` epochs (the paper: x0.2 every 10),
@@ -72,6 +73,7 @@ class TrainConfig:
     attack_hparams: dict = dataclasses.field(default_factory=dict)
     aug_level: float = 0.005
     worker_momentum: float = 0.0
+    drop_prob: float = 0.0
     rule: str = "flag"
     rule_hparams: dict = dataclasses.field(default_factory=dict)
     layout: str = "server"
@@ -143,6 +145,8 @@ class TrainConfig:
             bad("momentum", self.momentum, "must be in [0, 1)")
         if self.weight_decay < 0:
             bad("weight_decay", self.weight_decay, "must be >= 0")
+        if not 0 <= self.drop_prob < 1:
+            bad("drop_prob", self.drop_prob, "must be in [0, 1)")
         if not 0 <= self.worker_momentum < 1:
             bad("worker_momentum", self.worker_momentum, "must be in [0, 1)")
         if self.batch_size < 1:
@@ -358,6 +362,7 @@ def setup(cfg: TrainConfig, dataset: data.Dataset | None = None) -> Setup:
         layout=cfg.layout,
         lv_map=lv_map,
         num_classes=ds.num_classes,
+        drop_prob=cfg.drop_prob,
     )
     step_fn, layout, note = parallel.build_step(model, tx, scfg, mesh, params)
     rep = NamedSharding(mesh, P())
