@@ -56,6 +56,8 @@ def parse_args(name: str, description: str, argv=None) -> argparse.Namespace:
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--steps", type=int, default=None, help="override the steps per run")
     ap.add_argument("--out", default=None, help=f"output folder (default experiments/results/{name})")
+    ap.add_argument("--rows", default="", help="comma-separated subset of table rows to run (default all)")
+    ap.add_argument("--cols", default="", help="comma-separated subset of table columns to run (default all)")
     ap.add_argument("overrides", nargs="*", help="field=value overrides applied to every run")
     args = ap.parse_args(argv)
     args.name = name
@@ -85,6 +87,10 @@ def run_cells(args, cells: Sequence[Cell], base: train.TrainConfig, *, progress=
     from tqdm import tqdm
 
     records = []
+    if getattr(args, "rows", ""):
+        cells = [c for c in cells if c.row in args.rows.split(",")]
+    if getattr(args, "cols", ""):
+        cells = [c for c in cells if c.col in args.cols.split(",")]
     if args.quick:  # smoke run: a spread of at most 4 cells
         cells = list(cells)[:: max(1, len(cells) // 4)][:4]
     jobs = [(c, s) for c in cells for s in range(args.seeds)]
@@ -203,3 +209,92 @@ def plot_curves(args, records: list[dict], path_name: str, *, group: Callable[[d
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def vmapped_runs(base: train.TrainConfig, grid: Sequence[dict], *, label: Callable[[dict], str]) -> list[dict]:
+    """Train one model per ``grid`` entry (keys: ``seed``, optional ``lr`` and ``lam``) as ONE compiled
+    program: the training step is vmapped over (state, lam); the learning rate lives in the optimiser
+    state (``optax.inject_hyperparams``, constant: the short CPU runs end before the first step decay).
+    All models see the same mini-batches; seeds change the initialisation and the attack's randomness.
+    Evaluation (test, and validation when ``val_fraction > 0``) every ``eval_every`` steps."""
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    from flagjax import parallel
+
+    cfg = dataclasses.replace(base, layout="server", num_devices=1)
+    su = train.setup(cfg)
+    tx = optax.chain(
+        optax.add_decayed_weights(cfg.weight_decay),
+        optax.inject_hyperparams(optax.sgd)(learning_rate=cfg.lr, momentum=cfg.momentum or None),
+    )
+    dyn = ("lam",) if any("lam" in g for g in grid) else ()
+    raw_step, _, _ = parallel.build_step(
+        su.model,
+        tx,
+        parallel.StepConfig(
+            num_workers=cfg.num_workers,
+            num_byzantine=cfg.num_byzantine,
+            rule=cfg.rule,
+            rule_hparams=tuple(sorted(cfg.rule_hparams.items())),
+            attack=cfg.attack,
+            attack_hparams=tuple(sorted(cfg.attack_hparams.items())),
+            aug_level=cfg.aug_level,
+            worker_momentum=cfg.worker_momentum,
+            num_classes=su.dataset.num_classes,
+            lv_map=None,
+        ),
+        su.mesh,
+        su.state.params,
+        dynamic_hparams=dyn,
+        jit=False,
+    )
+    states = []
+    for g in grid:
+        st = train.setup(dataclasses.replace(cfg, seed=g["seed"]), su.dataset).state
+        opt = tx.init(jax.device_get(st.params))
+        opt[1].hyperparams["learning_rate"] = jnp.asarray(g.get("lr", cfg.lr), jnp.float32)
+        states.append(st._replace(opt_state=opt))
+    # host (uncommitted) arrays: JAX 0.10's conv batching rule refuses mesh-committed operands
+    state = jax.tree.map(lambda *a: np.stack([np.asarray(jax.device_get(v)) for v in a]), *states)
+    hp = {"lam": jnp.asarray([g.get("lam", 0.0) for g in grid], jnp.float32)}
+    step = jax.jit(jax.vmap(lambda st, x, y, h: raw_step(st, x, y, h), in_axes=(0, None, None, 0)))
+    honest = cfg.num_workers - cfg.num_byzantine
+    hist: list[list[dict]] = [[] for _ in grid]
+    t0 = time.perf_counter()
+    for k in range(cfg.steps):
+        idx = su.sampler.indices(k)
+        state, m = step(state, su.train_x[idx], su.train_y[idx], hp)
+        m = jax.device_get(m)
+        done = k + 1
+        if done % cfg.eval_every == 0 or done == cfg.steps:
+            params = jax.device_get(state.params)
+            for i in range(len(grid)):
+                p_i = jax.tree.map(lambda a, i=i: a[i], params)
+                rec = {
+                    "step": done,
+                    "loss": float(np.mean(m["loss"][i][:honest])),
+                    "wall_time": time.perf_counter() - t0,
+                }
+                rec["test_loss"], rec["test_accuracy"] = train._evaluate(
+                    su.model, p_i, {}, su.dataset.test_x, su.dataset.test_y, cfg.eval_examples
+                )
+                if su.val_x is not None:
+                    rec["val_loss"], rec["val_accuracy"] = train._evaluate(su.model, p_i, {}, su.val_x, su.val_y, 0)
+                hist[i].append(rec)
+    return [
+        {
+            "row": label(g),
+            "col": "accuracy",
+            "seed": g["seed"],
+            "test_accuracy": hist[i][-1]["test_accuracy"],
+            "val_accuracy": hist[i][-1].get("val_accuracy"),
+            "loss": hist[i][-1]["loss"],
+            "wall_time": hist[i][-1]["wall_time"],
+            "steps": cfg.steps,
+            "history": hist[i],
+            **{k: v for k, v in g.items() if k != "seed"},
+        }
+        for i, g in enumerate(grid)
+    ]

@@ -11,6 +11,12 @@ SCRIPTS = [
     ("attack_heatmap", []),
     ("fig7_lambda_sweep", []),
     ("fig10_ratio_histogram", []),
+    ("fig3_batch_size", []),
+    ("fig4_drop", []),
+    ("fig5_num_workers", []),
+    ("fig8_scalability", []),
+    ("questions", []),
+    ("lr_protocol", []),
 ]
 
 

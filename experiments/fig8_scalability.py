@@ -1,0 +1,29 @@
+"""Paper Fig. 8: scalability, p = 15 / 30 / 60 with f = 3 / 6 / 12 augmented-data (Lotka-Volterra,
+t = 0.006) workers and r = 8 / 16 / 32, as the authors' scripts did: accuracy and time per step."""
+
+from experiments import common
+
+SETTINGS = ((15, 3, 8), (30, 6, 16), (60, 12, 32))
+
+
+def main(argv=None):
+    args = common.parse_args("fig8_scalability", __doc__, argv)
+    base = common.base_config(args, attack="lotka_volterra", aug_level=0.006)
+    cells = []
+    for p, f, r in SETTINGS:
+        cells.append(
+            common.Cell(
+                "flag", f"p={p}", {"rule": "flag", "num_workers": p, "num_byzantine": f, "rule_hparams": {"r": r}}
+            )
+        )
+        for rule in ("mean", "multi_krum"):
+            cells.append(common.Cell(rule, f"p={p}", {"rule": rule, "num_workers": p, "num_byzantine": f}))
+    recs = common.run_cells(args, cells, base)
+    for r in recs:
+        r["ms_per_step"] = 1e3 * r["wall_time"] / max(r["steps"], 1)
+    body = common.table(recs) + "\n\nTime per step (ms):\n\n" + common.table(recs, value="ms_per_step", fmt="{:.0f}")
+    print(common.write_report(args, "Fig. 8 — scalability (augmented-data workers)", body, recs))
+
+
+if __name__ == "__main__":
+    main()

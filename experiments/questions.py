@@ -1,0 +1,30 @@
+"""Reviewers' and users' questions: (a) f = 0, what robustness costs when nobody attacks; (b) the
+sensitivity of FA to r in {1, 2, 4, 8, 15} at f = 3 (random); (c) Dirichlet non-iid shards
+(alpha = 1, 0.1) at f = 3 (random); (d) worker momentum (beta = 0.9) against ALIE at f = 3."""
+
+from experiments import common
+
+RULES = ("flag", "normalized_mean", "mean", "median", "multi_krum", "geomed")
+
+
+def main(argv=None):
+    args = common.parse_args("questions", __doc__, argv)
+    base = common.base_config(args)
+    cells = [common.Cell(r, "f=0", {"rule": r, "num_byzantine": 0, "attack": "none"}) for r in RULES]
+    cells += [common.Cell("flag", f"r={r}", {"rule": "flag", "rule_hparams": {"r": r}}) for r in (1, 2, 4, 8, 15)]
+    for alpha in (1.0, 0.1):
+        cells += [
+            common.Cell(r, f"dirichlet {alpha}", {"rule": r, "shard": "dirichlet", "dirichlet_alpha": alpha})
+            for r in RULES
+        ]
+    cells += [
+        common.Cell(r, "ALIE + worker momentum 0.9", {"rule": r, "attack": "alie", "worker_momentum": 0.9})
+        for r in RULES
+    ]
+    cells += [common.Cell(r, "ALIE", {"rule": r, "attack": "alie"}) for r in RULES]
+    recs = common.run_cells(args, cells, base)
+    print(common.write_report(args, "Reviewers' questions", common.table(recs), recs))
+
+
+if __name__ == "__main__":
+    main()
