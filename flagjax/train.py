@@ -33,6 +33,7 @@ __all__ = [
     "run",
     "setup",
     "Setup",
+    "step_config",
     "RunResult",
     "plot_accuracy",
 ]
@@ -305,6 +306,27 @@ def _checkpoint_manager(path: Path):
     return ocp.CheckpointManager(path.absolute(), options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True))
 
 
+def step_config(cfg: TrainConfig, num_classes: int, image_hw: tuple[int, int]) -> parallel.StepConfig:
+    """The static :class:`flagjax.parallel.StepConfig` of ``cfg`` (LV gather map built here)."""
+    lv_map = None
+    if cfg.attack == "lotka_volterra":
+        lv_map = data.lotka_volterra_map(image_hw[0], image_hw[1], cfg.aug_level)
+    return parallel.StepConfig(
+        num_workers=cfg.num_workers,
+        num_byzantine=cfg.num_byzantine,
+        rule=cfg.rule,
+        rule_hparams=tuple(sorted(cfg.rule_hparams.items())),
+        attack=cfg.attack,
+        attack_hparams=tuple(sorted(cfg.attack_hparams.items())),
+        aug_level=cfg.aug_level,
+        worker_momentum=cfg.worker_momentum,
+        layout=cfg.layout,
+        lv_map=lv_map,
+        num_classes=num_classes,
+        drop_prob=cfg.drop_prob,
+    )
+
+
 @dataclasses.dataclass
 class Setup:
     """Everything :func:`run` builds before the loop (also used by benchmarks/train_step.py)."""
@@ -323,6 +345,7 @@ class Setup:
     val_x: np.ndarray | None
     val_y: np.ndarray | None
     steps_per_epoch: int
+    step_config: parallel.StepConfig
 
     def batch(self, step: int) -> tuple[jax.Array, jax.Array]:
         """The global (p, B, ...) inputs and (p, B) labels of ``step``, sharded along workers."""
@@ -347,23 +370,7 @@ def setup(cfg: TrainConfig, dataset: data.Dataset | None = None) -> Setup:
 
     n_dev = cfg.num_devices or max(d for d in range(1, jax.device_count() + 1) if cfg.num_workers % d == 0)
     mesh = parallel.make_mesh(n_dev)
-    lv_map = None
-    if cfg.attack == "lotka_volterra":
-        lv_map = data.lotka_volterra_map(train_x.shape[1], train_x.shape[2], cfg.aug_level)
-    scfg = parallel.StepConfig(
-        num_workers=cfg.num_workers,
-        num_byzantine=cfg.num_byzantine,
-        rule=cfg.rule,
-        rule_hparams=tuple(sorted(cfg.rule_hparams.items())),
-        attack=cfg.attack,
-        attack_hparams=tuple(sorted(cfg.attack_hparams.items())),
-        aug_level=cfg.aug_level,
-        worker_momentum=cfg.worker_momentum,
-        layout=cfg.layout,
-        lv_map=lv_map,
-        num_classes=ds.num_classes,
-        drop_prob=cfg.drop_prob,
-    )
+    scfg = step_config(cfg, ds.num_classes, train_x.shape[1:3])
     step_fn, layout, note = parallel.build_step(model, tx, scfg, mesh, params)
     rep = NamedSharding(mesh, P())
     state = parallel.TrainState(
@@ -378,7 +385,21 @@ def setup(cfg: TrainConfig, dataset: data.Dataset | None = None) -> Setup:
         **{k: jax.device_put(getattr(state, k), rep) for k in ("step", "params", "batch_stats", "opt_state", "key")}
     )
     return Setup(
-        ds, model, tx, mesh, step_fn, layout, note, state, sampler, train_x, train_y, val_x, val_y, steps_per_epoch
+        ds,
+        model,
+        tx,
+        mesh,
+        step_fn,
+        layout,
+        note,
+        state,
+        sampler,
+        train_x,
+        train_y,
+        val_x,
+        val_y,
+        steps_per_epoch,
+        scfg,
     )
 
 
