@@ -169,7 +169,7 @@ def _check(cfg: StepConfig, num_devices: int) -> None:
 
 def _data_attack(cfg: StepConfig, x, y, worker_idx, key):
     """Transform the inputs of Byzantine workers for data-level attacks; x (pl, B, H, W, C)."""
-    if cfg.attack in ("none",) or cfg.attack not in DATA_ATTACKS or cfg.num_byzantine == 0:
+    if cfg.attack == "none" or cfg.attack not in DATA_ATTACKS or cfg.num_byzantine == 0:
         return x, y
     byz = worker_idx >= cfg.num_workers - cfg.num_byzantine  # (pl,)
     if cfg.attack == "label_flip":
@@ -224,14 +224,8 @@ def _sharded_aggregate(cfg: StepConfig, slices, key):
         }
     clean = jnp.where(finite[:, None], slices, 0)
     if rule == "normalized_mean":
-        p = slices.shape[0]
         norms = jnp.sqrt(lax.psum(jnp.einsum("pd,pd->p", clean, clean), AXIS))
-        valid = norms > 0
-        inv = jnp.where(valid, 1 / jnp.where(valid, norms, 1), 0)
-        if hp.get("output", "code") == "code":
-            w = inv / (hp.get("r") or aggregators.default_rank(p))
-        else:
-            w = inv * jnp.median(norms) / jnp.maximum(jnp.sum(valid), 1)
+        w = aggregators.basic.normalized_mean_weights(norms, output=hp.get("output", "code"), r=hp.get("r"))
         return jnp.dot(w.astype(clean.dtype), clean), {}
     return aggregators.get(rule).fn(clean, f=f, key=key, **hp), {}
 

@@ -99,7 +99,14 @@ def test_end_to_end_each_layout(tmp_path, layout):
 
 
 @pytest.mark.parametrize(
-    "rule,attack", [("flag", "alie"), ("median", "signflip"), ("mean", "ipm"), ("trimmed_mean", "lotka_volterra")]
+    "rule,attack",
+    [
+        ("flag", "alie"),
+        ("median", "signflip"),
+        ("mean", "ipm"),
+        ("trimmed_mean", "lotka_volterra"),
+        ("normalized_mean", "signflip"),
+    ],
 )
 def test_sharded_equals_server(tmp_path, rule, attack):
     out = {}

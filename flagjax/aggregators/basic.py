@@ -165,20 +165,25 @@ def normalized_mean(stack: jax.Array, *, f: int = 0, key=None, output: str = "co
     del f, key
     if output not in FLAG_OUTPUTS:
         raise ValueError(f"output must be one of {FLAG_OUTPUTS}; got {output!r}")
-    p = stack.shape[0]
-    r = default_rank(p) if r is None else r
     from flagjax.aggregators.distance import combine
 
     norms = jnp.sqrt(jnp.einsum("pd,pd->p", stack, stack, precision=lax.Precision.HIGHEST))
     finite = jnp.isfinite(norms)
-    norms = jnp.where(finite, norms, 0)
+    w = normalized_mean_weights(jnp.where(finite, norms, 0), output=output, r=r)
+    return combine(w, stack, finite)
+
+
+def normalized_mean_weights(norms: jax.Array, *, output: str = "code", r: int | None = None) -> jax.Array:
+    """(p,) weights w with normalized_mean = sum_i w_i g_i, from the row norms (0 = dropped row).
+
+    Shared by :func:`normalized_mean` and the sharded training layout (which psums partial norms)."""
+    p = norms.shape[0]
+    r = default_rank(p) if r is None else r
     valid = norms > 0
     inv = jnp.where(valid, 1 / jnp.where(valid, norms, 1), 0)
     if output == "code":
-        w = inv / r
-    else:
-        w = inv * jnp.median(norms) / jnp.maximum(jnp.sum(valid), 1)
-    return combine(w, stack, finite)
+        return inv / r
+    return inv * jnp.median(norms) / jnp.maximum(jnp.sum(valid), 1)
 
 
 register(Rule("normalized_mean", normalized_mean, sanitize=False))
