@@ -1,6 +1,6 @@
 """flagjax: Byzantine-robust distributed training in JAX around the Flag Aggregator (ICLR 2024)."""
 
-from flagjax import aggregators, solver
+from flagjax import aggregators, attacks, solver
 from flagjax.aggregators import aggregate
 from flagjax.solver import FlagSolution, FlagStatus, flag_median
 
@@ -11,6 +11,7 @@ __all__ = [
     "FlagStatus",
     "aggregate",
     "aggregators",
+    "attacks",
     "flag_median",
     "solver",
     "__version__",
