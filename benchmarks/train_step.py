@@ -141,7 +141,8 @@ def main(argv=None):
                 res[layout] = (time_steps(su, steps), sum(collective_bytes(hlo, 8).values()))
             (ts, bs), (th, bh) = res["server"], res["sharded"]
             lines.append(
-                f"| {p} | {rule} | {ts:.1f} | {th:.1f} | {th / ts:.2f} | {bs / 1e6:.2f} MB | {bh / 1e6:.2f} MB |"
+                f"| {p} | {rule} | {ts:.1f} | {th:.1f} | {th / ts:.2f} | {bs / 1e6:.2f} MB | {bh / 1e6:.2f} MB "
+                f"| {bh / (p / 8 + 1) / 1e6:.3f} MB |"
             )
             print(lines[-1], flush=True)
     text = "\n".join(lines) + "\n"
