@@ -1,5 +1,6 @@
 """Faults: kill -9 and resume, a half-written checkpoint, a dead peer process, stragglers, determinism."""
 
+import dataclasses
 import json
 import os
 import signal
@@ -7,6 +8,7 @@ import subprocess
 import sys
 import time
 
+import jax
 import numpy as np
 import pytest
 from test_data import _write_set
@@ -14,6 +16,10 @@ from test_multiprocess import _env, _free_port
 from test_train import DS, _cfg
 
 from flagjax import train
+
+
+def _flat(tree):
+    return np.concatenate([np.ravel(x) for x in jax.tree.leaves(tree)])
 
 
 def _lines(path):
@@ -86,13 +92,8 @@ def test_half_written_checkpoint_is_ignored(tmp_path):
     junk = ck / "4.orbax-checkpoint-tmp-1234"
     junk.mkdir()
     (junk / "garbage").write_bytes(b"\x00" * 10)
-    import dataclasses
-
     resumed = train.run(dataclasses.replace(cfg, resume=True), dataset=DS)
-    np.testing.assert_array_equal(
-        np.concatenate([np.ravel(x) for x in __import__("jax").tree.leaves(full.params)]),
-        np.concatenate([np.ravel(x) for x in __import__("jax").tree.leaves(resumed.params)]),
-    )
+    np.testing.assert_array_equal(_flat(full.params), _flat(resumed.params))
 
 
 def test_same_seed_identical_metrics(tmp_path):
@@ -112,14 +113,12 @@ def test_stragglers_are_treated_as_byzantine(tmp_path, layout):
     )
     hist = res.history
     assert all(np.isfinite(h["loss"]) for h in hist)
-    assert all(np.all(np.isfinite(np.asarray(x))) for x in __import__("jax").tree.leaves(res.params))
+    assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(res.params))
     dropped = sum(sum(1 for v in h["ratios"] if v == 0.0) for h in hist)
     assert dropped > 0
     assert any(h["status"] == 2 for h in hist)  # NONFINITE_INPUT reported
     mean = train.run(_cfg(tmp_path / "m", rule="mean", attack="none", drop_prob=0.3, steps=6), dataset=DS)
-    assert not all(np.isfinite(h["loss"]) for h in mean.history[1:]) or not np.all(
-        np.isfinite(np.concatenate([np.ravel(x) for x in __import__("jax").tree.leaves(mean.params)]))
-    )
+    assert not all(np.isfinite(h["loss"]) for h in mean.history[1:]) or not np.all(np.isfinite(_flat(mean.params)))
 
 
 @pytest.mark.timeout(240)
