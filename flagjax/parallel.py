@@ -207,9 +207,9 @@ def _sharded_aggregate(cfg: StepConfig, slices, key):
     rule, _ = aggregators.parse_spec(cfg.rule)
     hp = dict(cfg.rule_hparams)
     f = cfg.num_byzantine
-    finite = lax.pmin(jnp.all(jnp.isfinite(slices), axis=1).astype(jnp.int32), AXIS) > 0
     if rule == "mean":
         return aggregators.mean(slices), {}
+    finite = lax.pmin(jnp.all(jnp.isfinite(slices), axis=1).astype(jnp.int32), AXIS) > 0
     if rule == "flag":
         p = slices.shape[0]
         clean = jnp.where(finite[:, None], slices, 0).astype(jnp.promote_types(slices.dtype, jnp.float32))
