@@ -12,19 +12,7 @@ from jax.flatten_util import ravel_pytree
 
 from flagjax import cli, data, models, parallel, train
 
-
-def synthetic_dataset(n=1200, seed=0, hw=28):
-    """10 classes, each a fixed random 28x28 pattern + noise: learnable in a few steps."""
-    rng = np.random.default_rng(seed)
-    protos = rng.uniform(size=(10, hw, hw, 1)).astype(np.float32)
-    y = rng.integers(0, 10, size=n).astype(np.int32)
-    x = np.clip(protos[y] + 0.3 * rng.normal(size=(n, hw, hw, 1)), 0, 1).astype(np.float32)
-    yt = rng.integers(0, 10, size=300).astype(np.int32)
-    xt = np.clip(protos[yt] + 0.3 * rng.normal(size=(300, hw, hw, 1)), 0, 1).astype(np.float32)
-    return data.Dataset("synthetic", x, y, xt, yt, 10)
-
-
-DS = synthetic_dataset()
+DS = data.synthetic_dataset(n_train=1200, n_test=300)  # learnable in a few steps
 
 
 def _cfg(tmp_path, **kw):
