@@ -30,7 +30,8 @@ def main(argv=None):
                 hp["attack_hparams"] = {"rule": rule}
             cells.append(common.Cell(rule, atk, hp))
     recs = common.run_cells(args, cells, base)
-    body = common.table(recs, worst_case=True)
+    plot = common.plot_heatmap(args, recs, "heatmap.png", title="Final test accuracy, f = 3 of 15")
+    body = f"{common.table(recs, worst_case=True)}\n\n![heatmap]({plot.name})"
     print(common.write_report(args, "Rule x attack heatmap (f = 3 of 15)", body, recs))
 
 

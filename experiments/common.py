@@ -51,7 +51,7 @@ class Cell:
 
 
 def parse_args(name: str, description: str, argv=None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(prog=f"experiments/{name}.py", description=description)
+    ap = argparse.ArgumentParser(prog=f"python -m experiments.{name}", description=description)
     ap.add_argument("--quick", action="store_true", help="synthetic data, a few steps (CI smoke run)")
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--steps", type=int, default=None, help="override the steps per run")
@@ -134,7 +134,7 @@ def run_cells(args, cells: Sequence[Cell], base: train.TrainConfig, *, progress=
 
 
 def command(args) -> str:
-    return "python experiments/" + args.name + ".py " + " ".join(shlex.quote(a) for a in args.argv)
+    return "python -m experiments." + args.name + " " + " ".join(shlex.quote(a) for a in args.argv)
 
 
 def table(records: list[dict], *, value="test_accuracy", fmt="{:.3f}", worst_case=False) -> str:
@@ -287,3 +287,78 @@ def vmapped_runs(base: train.TrainConfig, grid: Sequence[dict], *, label: Callab
         }
         for i, g in enumerate(grid)
     ]
+
+
+def _cells(records: list[dict], value: str):
+    rows = list(dict.fromkeys(r["row"] for r in records))
+    cols = list(dict.fromkeys(r["col"] for r in records))
+    vals: dict[tuple[str, str], list[float]] = {}
+    for r in records:
+        if r.get(value) is not None:
+            vals.setdefault((r["row"], r["col"]), []).append(r[value])
+    return rows, cols, vals
+
+
+def plot_bars(args, records: list[dict], path_name: str, *, title: str, value="test_accuracy", ylabel=None):
+    """Grouped bar chart of ``value`` (mean over seeds, std as error bars): one group per column, one bar
+    per row; cells without runs are left empty."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows, cols, vals = _cells(records, value)
+    width = 0.8 / max(len(rows), 1)
+    fig, ax = plt.subplots(figsize=(max(6.5, 1.1 * len(cols) + 0.25 * len(rows) * len(cols)), 4))
+    for i, row in enumerate(rows):
+        xs, ms, ss = [], [], []
+        for j, col in enumerate(cols):
+            v = vals.get((row, col))
+            if v:
+                xs.append(j - 0.4 + (i + 0.5) * width)
+                ms.append(float(np.mean(v)))
+                ss.append(float(np.std(v)) if len(v) > 1 else 0.0)
+        ax.bar(xs, ms, width, yerr=ss, label=row, capsize=2)
+    ax.set_xticks(range(len(cols)), cols, fontsize=8)
+    ax.set_ylabel(ylabel or value.replace("_", " "))
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / path_name
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_heatmap(args, records: list[dict], path_name: str, *, title: str, value="test_accuracy"):
+    """Rows x columns heatmap of ``value`` (mean over seeds) with a worst-case column, numbers printed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows, cols, vals = _cells(records, value)
+    grid = np.full((len(rows), len(cols) + 1), np.nan)
+    for i, row in enumerate(rows):
+        for j, col in enumerate(cols):
+            if vals.get((row, col)):
+                grid[i, j] = np.mean(vals[(row, col)])
+        if np.isfinite(grid[i, :-1]).any():
+            grid[i, -1] = np.nanmin(grid[i, :-1])
+    fig, ax = plt.subplots(figsize=(1.0 * len(cols) + 3.5, 0.45 * len(rows) + 1.5))
+    im = ax.imshow(grid, cmap="viridis", vmin=0.0, vmax=1.0, aspect="auto")
+    for (i, j), v in np.ndenumerate(grid):
+        if np.isfinite(v):
+            ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7, color="w" if v < 0.6 else "k")
+    ax.set_xticks(range(len(cols) + 1), [*cols, "worst case"], rotation=30, ha="right", fontsize=8)
+    ax.set_yticks(range(len(rows)), rows, fontsize=8)
+    ax.set_title(title, fontsize=9)
+    fig.colorbar(im, ax=ax, label=value.replace("_", " "))
+    fig.tight_layout()
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / path_name
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

@@ -8,7 +8,7 @@ def main(argv=None):
     base = common.base_config(args)
     cells = [
         common.Cell(rule, f"f={f}", {"rule": rule, "num_byzantine": f})
-        for rule in ("mean", "flag")
+        for rule in ("mean", "flag", "normalized_mean")
         for f in (0, 1, 2, 3)
     ]
     recs = common.run_cells(args, cells, base)

@@ -11,7 +11,9 @@ def main(argv=None):
     sizes = (4, 8) if args.quick else (64, 128, 192)
     cells = [common.Cell(r, f"batch {b}", {"rule": r, "batch_size": b}) for r in RULES for b in sizes]
     recs = common.run_cells(args, cells, base)
-    print(common.write_report(args, "Fig. 3 — batch size (f = 3 of 15, random)", common.table(recs), recs))
+    title = "Fig. 3 — batch size (f = 3 of 15, random)"
+    plot = common.plot_bars(args, recs, "accuracy.png", title=title)
+    print(common.write_report(args, title, f"{common.table(recs)}\n\n![accuracy]({plot.name})", recs))
 
 
 if __name__ == "__main__":

@@ -10,7 +10,11 @@ def main(argv=None):
     base = common.base_config(args, attack="drop")
     cells = [common.Cell(r, "drop 10%", {"rule": r}) for r in RULES]
     recs = common.run_cells(args, cells, base)
-    print(common.write_report(args, "Fig. 4 — coordinate-drop workers (f = 3 of 15)", common.table(recs), recs))
+    title = "Fig. 4 — coordinate-drop workers (f = 3 of 15)"
+    plot = common.plot_bars(args, recs, "accuracy.png", title=title)
+    curves = common.plot_curves(args, recs, "curves.png", group=lambda r: r["row"], title=title)
+    body = f"{common.table(recs)}\n\n![accuracy]({plot.name})\n\n![curves]({curves.name})"
+    print(common.write_report(args, title, body, recs))
 
 
 if __name__ == "__main__":

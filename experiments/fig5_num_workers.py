@@ -10,7 +10,9 @@ def main(argv=None):
     base = common.base_config(args, num_byzantine=2)
     cells = [common.Cell(r, f"p={p}", {"rule": r, "num_workers": p}) for r in RULES for p in (11, 13, 15)]
     recs = common.run_cells(args, cells, base)
-    print(common.write_report(args, "Fig. 5 — number of workers at f = 2", common.table(recs), recs))
+    title = "Fig. 5 — number of workers at f = 2 (random)"
+    plot = common.plot_bars(args, recs, "accuracy.png", title=title)
+    print(common.write_report(args, title, f"{common.table(recs)}\n\n![accuracy]({plot.name})", recs))
 
 
 if __name__ == "__main__":

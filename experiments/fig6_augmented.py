@@ -18,8 +18,10 @@ def main(argv=None):
     base = common.base_config(args)
     cells = [common.Cell(rule, name, {"rule": rule, **hp}) for rule in RULES for name, hp in SETTINGS.items()]
     recs = common.run_cells(args, cells, base)
-    body = common.table(recs, worst_case=True)
-    print(common.write_report(args, "Fig. 6 — augmented-data workers (f = 3 of 15)", body, recs))
+    title = "Fig. 6 — augmented-data workers (f = 3 of 15)"
+    plot = common.plot_bars(args, recs, "accuracy.png", title=title)
+    body = f"{common.table(recs, worst_case=True)}\n\n![accuracy]({plot.name})"
+    print(common.write_report(args, title, body, recs))
 
 
 if __name__ == "__main__":

@@ -16,13 +16,21 @@ def main(argv=None):
                 "flag", f"p={p}", {"rule": "flag", "num_workers": p, "num_byzantine": f, "rule_hparams": {"r": r}}
             )
         )
-        for rule in ("mean", "multi_krum"):
+        for rule in ("normalized_mean", "mean", "multi_krum"):
             cells.append(common.Cell(rule, f"p={p}", {"rule": rule, "num_workers": p, "num_byzantine": f}))
     recs = common.run_cells(args, cells, base)
     for r in recs:
         r["ms_per_step"] = 1e3 * r["wall_time"] / max(r["steps"], 1)
-    body = common.table(recs) + "\n\nTime per step (ms):\n\n" + common.table(recs, value="ms_per_step", fmt="{:.0f}")
-    print(common.write_report(args, "Fig. 8 — scalability (augmented-data workers)", body, recs))
+    title = "Fig. 8 — scalability (augmented-data workers)"
+    acc = common.plot_bars(args, recs, "accuracy.png", title=title)
+    ms = common.plot_bars(args, recs, "ms_per_step.png", title=title, value="ms_per_step", ylabel="ms per step")
+    body = (
+        common.table(recs)
+        + "\n\nTime per step (ms, whole run incl. evaluation, divided by steps):\n\n"
+        + common.table(recs, value="ms_per_step", fmt="{:.0f}")
+        + f"\n\n![accuracy]({acc.name})\n\n![time per step]({ms.name})"
+    )
+    print(common.write_report(args, title, body, recs))
 
 
 if __name__ == "__main__":

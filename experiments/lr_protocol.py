@@ -3,6 +3,8 @@ the grid trained as ONE vmapped program per cell; per rule, the learning rate is
 validation split (10% of the training set) by its worst case over attacks (ByzFL's protocol), and the
 table reports test accuracy at that learning rate. The full grid is the appendix table."""
 
+import json
+
 import numpy as np
 
 from experiments import common
@@ -24,7 +26,15 @@ def main(argv=None):
         for atk in attacks:
             cfg = common.train.apply_overrides(base, [f"rule={rule}", f"attack={atk}"])
             grid = [{"seed": s, "lr": lr} for lr in lrs for s in range(args.seeds)]
-            for r in common.vmapped_runs(cfg, grid, label=lambda g: f"lr={g['lr']:.4g}"):
+            # one JSON file per (rule, attack) program, so an interrupted protocol resumes where it stopped
+            cache = args.out / "runs" / common._slug(f"{rule}__{atk}__seeds{args.seeds}__steps{cfg.steps}.json")
+            if cache.exists():
+                cell = json.loads(cache.read_text())
+            else:
+                cell = common.vmapped_runs(cfg, grid, label=lambda g: f"lr={g['lr']:.4g}")
+                cache.parent.mkdir(parents=True, exist_ok=True)
+                cache.write_text(json.dumps(cell))
+            for r in cell:
                 r["rule"], r["attack"] = rule, atk
                 recs.append(r)
     # selection: per rule, the lr maximising the worst case over attacks of the mean validation accuracy
@@ -43,9 +53,11 @@ def main(argv=None):
         grid_rows.append({**r, "row": f"{r['rule']} lr={r['lr']:.4g}", "col": r["attack"]})
         if r["lr"] == chosen[r["rule"]]:
             main_rows.append({**r, "row": f"{r['rule']} (lr={r['lr']:.4g})", "col": r["attack"]})
+    plot = common.plot_heatmap(args, main_rows, "chosen_lr.png", title="Test accuracy at the chosen lr, f = 3 of 15")
     body = (
         "Test accuracy at the validation-chosen learning rate (worst case over attacks):\n\n"
         + common.table(main_rows, worst_case=True)
+        + f"\n\n![chosen lr]({plot.name})"
         + "\n\nAppendix: the full grid (test accuracy):\n\n"
         + common.table(grid_rows, worst_case=True)
     )

@@ -1,6 +1,7 @@
 """Every experiment script runs end to end in --quick mode (synthetic data, a few steps)."""
 
 import importlib
+import re
 
 import pytest
 
@@ -28,3 +29,8 @@ def test_quick_run(tmp_path, name, extra):
     text = (out / "README.md").read_text()
     assert "Produced by" in text and "QUICK" in text
     assert "|" in text
+    # every report shows at least one plot, and every image it links was written next to it
+    images = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text)
+    assert images, f"{name} links no plot"
+    for img in images:
+        assert (out / img).is_file(), f"{name} links {img}, which it did not write"
