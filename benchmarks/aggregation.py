@@ -124,7 +124,10 @@ def rules_suite(ps, dims, quick: bool):
     import torch
 
     torch.set_num_threads(os.cpu_count() or 1)
-    twins = _byzfl_rules()
+    try:
+        twins = _byzfl_rules()
+    except ImportError:  # e.g. a GPU machine without byzfl: flagjax's own timings only
+        twins = {}
     key = jax.random.key(0)
     out = []
     for p in ps:
@@ -195,7 +198,7 @@ def render(p, rows, cmd) -> str:
         "# Aggregation benchmark",
         "",
         f"Produced by `{cmd}` on {platform.machine()} with {os.cpu_count()} CPU cores, "
-        f"JAX {jax.__version__} ({jax.default_backend()}), numpy {np.__version__}; "
+        f"JAX {jax.__version__} ({jax.default_backend()}: {jax.devices()[0].device_kind}), numpy {np.__version__}; "
         f"p = {p}, r = {flagjax.aggregators.default_rank(p)}, float32, "
         f"{ITERS} IRLS steps after the flag mean (tol disabled), median of repeats.",
         "",
@@ -244,7 +247,8 @@ def main(argv=None):
         if not text:
             text = (
                 f"# Aggregation benchmark\n\nProduced by `{cmd.strip()}` on {platform.machine()} "
-                f"with {os.cpu_count()} CPU cores.\n"
+                f"with {os.cpu_count()} CPU cores, JAX {jax.__version__} ({jax.default_backend()}: "
+                f"{jax.devices()[0].device_kind}).\n"
             )
         part = render_rules(rr)
         print(part)

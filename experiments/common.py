@@ -114,8 +114,17 @@ def run_cells(args, cells: Sequence[Cell], base: train.TrainConfig, *, progress=
             res = train.run(cfg)
             hist = res.history
             (out / "run.json").write_text(
-                json.dumps({"config": dataclasses.asdict(cfg), "layout": res.layout, "seconds": time.time() - t0})
+                json.dumps(
+                    {
+                        "config": dataclasses.asdict(cfg),
+                        "layout": res.layout,
+                        "seconds": time.time() - t0,
+                        "device": device_name(),
+                    }
+                )
             )
+        run_json = out / "run.json"
+        device = json.loads(run_json.read_text()).get("device") if run_json.exists() else None
         fin = hist[-1]
         records.append(
             {
@@ -127,10 +136,25 @@ def run_cells(args, cells: Sequence[Cell], base: train.TrainConfig, *, progress=
                 "loss": fin["loss"],
                 "wall_time": fin["wall_time"],
                 "steps": fin["step"],
+                "device": device or UNRECORDED_DEVICE,
                 "history": hist,
             }
         )
     return records
+
+
+# runs logged before run.json recorded the device were all made on the project's 2-core CPU machine
+UNRECORDED_DEVICE = "cpu (not recorded: runs before the device field, all on the 2-core CPU machine)"
+
+
+def device_name() -> str:
+    """'<backend>: <device kind> x <count>, <n> host cores', e.g. 'gpu: NVIDIA H200 x 1, 16 host cores'."""
+    import os
+
+    import jax
+
+    devs = jax.devices()
+    return f"{jax.default_backend()}: {devs[0].device_kind} x {len(devs)}, {os.cpu_count()} host cores"
 
 
 def command(args) -> str:
@@ -165,8 +189,10 @@ def write_report(args, title: str, body: str, records: list[dict], notes: str = 
     """Write ``<out>/README.md`` (command, setting, tables) and ``<out>/records.json``."""
     args.out.mkdir(parents=True, exist_ok=True)
     seeds = sorted({r["seed"] for r in records})
+    devices = sorted({r.get("device") or UNRECORDED_DEVICE for r in records})
     text = (
         f"# {title}\n\nProduced by:\n\n    {command(args)}\n\n"
+        f"Ran on: {'; '.join(devices)}.\n\n"
         f"{len(records)} runs, seeds {seeds}"
         f"{' (QUICK smoke run on synthetic data: not a result)' if args.quick else ''}."
         f" Values: final test accuracy, mean ± std over seeds.\n\n{body}\n"
@@ -282,6 +308,7 @@ def vmapped_runs(base: train.TrainConfig, grid: Sequence[dict], *, label: Callab
             "loss": hist[i][-1]["loss"],
             "wall_time": hist[i][-1]["wall_time"],
             "steps": cfg.steps,
+            "device": device_name(),
             "history": hist[i],
             **{k: v for k, v in g.items() if k != "seed"},
         }
