@@ -205,13 +205,29 @@ def write_report(args, title: str, body: str, records: list[dict], notes: str = 
     return args.out / "README.md"
 
 
-def plot_curves(args, records: list[dict], path_name: str, *, group: Callable[[dict], str], title: str, x="step"):
-    """Test accuracy (mean over seeds) against ``x`` ("step" or "wall_time") per group."""
+def pyplot():
+    """matplotlib.pyplot on the non-interactive Agg backend (scripts run headless)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def save_figure(args, fig, path_name: str) -> Path:
+    """Lay out, write ``<out>/<path_name>`` at 120 dpi, close the figure, return the path."""
+    fig.tight_layout()
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / path_name
+    fig.savefig(path, dpi=120)
+    pyplot().close(fig)
+    return path
+
+
+def plot_curves(args, records: list[dict], path_name: str, *, group: Callable[[dict], str], title: str, x="step"):
+    """Test accuracy (mean over seeds) against ``x`` ("step" or "wall_time") per group."""
+    plt = pyplot()
     curves: dict[str, dict[float, list[float]]] = {}
     for r in records:
         g = group(r)
@@ -229,12 +245,7 @@ def plot_curves(args, records: list[dict], path_name: str, *, group: Callable[[d
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / path_name
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(args, fig, path_name)
 
 
 def vmapped_runs(base: train.TrainConfig, grid: Sequence[dict], *, label: Callable[[dict], str]) -> list[dict]:
@@ -329,11 +340,7 @@ def _cells(records: list[dict], value: str):
 def plot_bars(args, records: list[dict], path_name: str, *, title: str, value="test_accuracy", ylabel=None):
     """Grouped bar chart of ``value`` (mean over seeds, std as error bars): one group per column, one bar
     per row; cells without runs are left empty."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     rows, cols, vals = _cells(records, value)
     width = 0.8 / max(len(rows), 1)
     fig, ax = plt.subplots(figsize=(max(6.5, 1.1 * len(cols) + 0.25 * len(rows) * len(cols)), 4))
@@ -351,21 +358,12 @@ def plot_bars(args, records: list[dict], path_name: str, *, title: str, value="t
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3, axis="y")
     ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / path_name
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(args, fig, path_name)
 
 
 def plot_heatmap(args, records: list[dict], path_name: str, *, title: str, value="test_accuracy"):
     """Rows x columns heatmap of ``value`` (mean over seeds) with a worst-case column, numbers printed."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     rows, cols, vals = _cells(records, value)
     grid = np.full((len(rows), len(cols) + 1), np.nan)
     for i, row in enumerate(rows):
@@ -383,9 +381,4 @@ def plot_heatmap(args, records: list[dict], path_name: str, *, title: str, value
     ax.set_yticks(range(len(rows)), rows, fontsize=8)
     ax.set_title(title, fontsize=9)
     fig.colorbar(im, ax=ax, label=value.replace("_", " "))
-    fig.tight_layout()
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / path_name
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(args, fig, path_name)

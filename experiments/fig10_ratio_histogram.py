@@ -22,11 +22,7 @@ def main(argv=None):
             fa["byzantine"] += h["ratios"][p - f :]
             mean["honest"] += h["mean_ratios"][: p - f]
             mean["byzantine"] += h["mean_ratios"][p - f :]
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = common.pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.5), sharey=True)
     bins = np.linspace(0, 1, 26)
     for ax, (name, d) in zip(axes, (("FA subspace (r = 8)", fa), ("mean direction", mean)), strict=True):
@@ -35,10 +31,7 @@ def main(argv=None):
         ax.set_title(name)
         ax.set_xlabel("reconstruction ratio")
         ax.legend()
-    fig.tight_layout()
-    args.out.mkdir(parents=True, exist_ok=True)
-    fig.savefig(args.out / "ratio_histogram.png", dpi=120)
-    plt.close(fig)
+    common.save_figure(args, fig, "ratio_histogram.png")
 
     def row(name, d):
         h, b = np.asarray(d["honest"]), np.asarray(d["byzantine"])

@@ -27,11 +27,9 @@ def vmapped_lambda_runs(base: train.TrainConfig, seeds: int, lambdas=LAMBDAS) ->
 
 def _plot(args, recs):
     """Final test accuracy against lambda (mean and spread over seeds), the other rules as lines."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import numpy as np
+
+    plt = common.pyplot()
 
     lams = sorted({r["lam"] for r in recs if "lam" in r})
     acc = [[r["test_accuracy"] for r in recs if r.get("lam") == lam] for lam in lams]
@@ -47,11 +45,7 @@ def _plot(args, recs):
     ax.set_title("Fig. 7: p = 7, f = 1 (random)", fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    path = args.out / "accuracy_vs_lambda.png"
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return common.save_figure(args, fig, "accuracy_vs_lambda.png")
 
 
 def main(argv=None):
