@@ -9,7 +9,17 @@ import numpy as np
 
 from experiments import common
 
-RULES = ("flag", "normalized_mean", "mean", "clip+mean", "median", "multi_krum", "clip+multi_krum", "arc+median")
+RULES = (
+    "flag",
+    "normalized_mean",
+    "mean",
+    "clip+mean",
+    "median",
+    "clip+median",
+    "arc+median",
+    "multi_krum",
+    "clip+multi_krum",
+)
 ATTACKS = ("random", "alie", "ipm", "signflip")
 
 
