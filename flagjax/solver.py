@@ -276,18 +276,10 @@ def _basis_coeffs(geo: _Geometry, a: jax.Array, b: jax.Array, r: int) -> jax.Arr
     K, D, pair_ok = geo.K, geo.D, geo.pair_ok
     dtype = K.dtype
     Bt = jnp.where(pair_ok, 2 * b / jnp.where(pair_ok, D, 1), 0)
-
-    def pairwise(_):  # W = diag(a + B 1) - B, factored W = F F^T through its eigendecomposition
-        W = jnp.diag(a + Bt.sum(axis=1)) - Bt
-        W = (W + W.T) / 2
-        wl, Q = jnp.linalg.eigh(W)
-        return Q * jnp.sqrt(jnp.maximum(wl, 0))[None, :]
-
-    def diagonal(_):  # no pairwise weights (lam = 0): W = diag(a), F = diag(sqrt(a)), no eigh needed
-        return jnp.diag(jnp.sqrt(jnp.maximum(a, 0)))
-
-    # under vmap over lam the predicate is batched and both branches run (same result)
-    F = lax.cond(jnp.any(Bt != 0), pairwise, diagonal, None)
+    W = jnp.diag(a + Bt.sum(axis=1)) - Bt
+    W = (W + W.T) / 2
+    wl, Q = jnp.linalg.eigh(W)
+    F = Q * jnp.sqrt(jnp.maximum(wl, 0))[None, :]
     S = F.T @ K @ F
     S = (S + S.T) / 2
     mu, U = jnp.linalg.eigh(S)  # ascending
