@@ -104,7 +104,7 @@ def run_cells(args, cells: Sequence[Cell], base: train.TrainConfig, *, progress=
         cfg.seed = seed
         cfg.out_dir = str(out)
         metrics = out / "metrics.jsonl"
-        hist = None
+        hist, device = None, None
         if metrics.exists():
             hist = [json.loads(x) for x in metrics.read_text().splitlines() if x.strip()]
             if not hist or hist[-1]["step"] != cfg.steps:
@@ -112,19 +112,11 @@ def run_cells(args, cells: Sequence[Cell], base: train.TrainConfig, *, progress=
         if hist is None:
             t0 = time.time()
             res = train.run(cfg)
-            hist = res.history
-            (out / "run.json").write_text(
-                json.dumps(
-                    {
-                        "config": dataclasses.asdict(cfg),
-                        "layout": res.layout,
-                        "seconds": time.time() - t0,
-                        "device": device_name(),
-                    }
-                )
-            )
-        run_json = out / "run.json"
-        device = json.loads(run_json.read_text()).get("device") if run_json.exists() else None
+            hist, device = res.history, device_name()
+            meta = {"config": dataclasses.asdict(cfg), "layout": res.layout, "seconds": time.time() - t0}
+            (out / "run.json").write_text(json.dumps({**meta, "device": device}))
+        elif (out / "run.json").exists():
+            device = json.loads((out / "run.json").read_text()).get("device")
         fin = hist[-1]
         records.append(
             {
@@ -157,23 +149,41 @@ def device_name() -> str:
     return f"{jax.default_backend()}: {devs[0].device_kind} x {len(devs)}, {os.cpu_count()} host cores"
 
 
+def cached_json(path: Path, compute: Callable[[], object]):
+    """``compute()``'s JSON-able result, stored at ``path`` on first call and read back afterwards (the
+    vmapped programs' counterpart of run_cells' per-run logs: re-running a script rebuilds its report)."""
+    if path.exists():
+        return json.loads(path.read_text())
+    result = compute()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result))
+    return result
+
+
 def command(args) -> str:
     return "python -m experiments." + args.name + " " + " ".join(shlex.quote(a) for a in args.argv)
 
 
-def table(records: list[dict], *, value="test_accuracy", fmt="{:.3f}", worst_case=False) -> str:
-    """Markdown table: rows x columns of mean ± std over seeds (optionally a worst-case column)."""
+def _cells(records: list[dict], value: str):
+    """(rows, cols, {(row, col): non-None values}) in first-seen order."""
     rows = list(dict.fromkeys(r["row"] for r in records))
     cols = list(dict.fromkeys(r["col"] for r in records))
-    cell = {}
+    vals: dict[tuple[str, str], list[float]] = {}
     for r in records:
-        cell.setdefault((r["row"], r["col"]), []).append(r[value])
+        if r.get(value) is not None:
+            vals.setdefault((r["row"], r["col"]), []).append(r[value])
+    return rows, cols, vals
+
+
+def table(records: list[dict], *, value="test_accuracy", fmt="{:.3f}", worst_case=False) -> str:
+    """Markdown table: rows x columns of mean ± std over seeds (optionally a worst-case column)."""
+    rows, cols, cell = _cells(records, value)
     head = "| | " + " | ".join(cols) + (" | worst case |" if worst_case else " |")
     lines = [head, "|---" * (len(cols) + 1 + worst_case) + "|"]
     for row in rows:
         vals, means = [], []
         for col in cols:
-            v = [x for x in cell.get((row, col), []) if x is not None]
+            v = cell.get((row, col), [])
             if not v:
                 vals.append("—")
                 continue
@@ -325,16 +335,6 @@ def vmapped_runs(base: train.TrainConfig, grid: Sequence[dict], *, label: Callab
         }
         for i, g in enumerate(grid)
     ]
-
-
-def _cells(records: list[dict], value: str):
-    rows = list(dict.fromkeys(r["row"] for r in records))
-    cols = list(dict.fromkeys(r["col"] for r in records))
-    vals: dict[tuple[str, str], list[float]] = {}
-    for r in records:
-        if r.get(value) is not None:
-            vals.setdefault((r["row"], r["col"]), []).append(r[value])
-    return rows, cols, vals
 
 
 def plot_bars(args, records: list[dict], path_name: str, *, title: str, value="test_accuracy", ylabel=None):

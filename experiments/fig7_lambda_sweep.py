@@ -54,13 +54,12 @@ def main(argv=None):
     lambdas = LAMBDAS[:3] if args.quick else LAMBDAS
     # the vmapped sweep is cached like run_cells' logs, so re-running the script only rebuilds the report
     cache = args.out / "runs" / f"flag_lambda_sweep__seeds{args.seeds}__steps{base.steps}.json"
-    if cache.exists():
-        sweep = json.loads(cache.read_text())
-    else:
+
+    def sweep_and_time():
         t0 = time.time()
-        sweep = {"records": vmapped_lambda_runs(base, args.seeds, lambdas), "seconds": time.time() - t0}
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        cache.write_text(json.dumps(sweep))
+        return {"records": vmapped_lambda_runs(base, args.seeds, lambdas), "seconds": time.time() - t0}
+
+    sweep = common.cached_json(cache, sweep_and_time)
     recs = sweep["records"]
     others = [common.Cell(r, "accuracy", {"rule": r}) for r in ("normalized_mean", "multi_krum", "bulyan")]
     recs += common.run_cells(args, others, base)

@@ -3,8 +3,6 @@ the grid trained as ONE vmapped program per cell; per rule, the learning rate is
 validation split (10% of the training set) by its worst case over attacks (ByzFL's protocol), and the
 table reports test accuracy at that learning rate. The full grid is the appendix table."""
 
-import json
-
 import numpy as np
 
 from experiments import common
@@ -38,12 +36,9 @@ def main(argv=None):
             grid = [{"seed": s, "lr": lr} for lr in lrs for s in range(args.seeds)]
             # one JSON file per (rule, attack) program, so an interrupted protocol resumes where it stopped
             cache = args.out / "runs" / common._slug(f"{rule}__{atk}__seeds{args.seeds}__steps{cfg.steps}.json")
-            if cache.exists():
-                cell = json.loads(cache.read_text())
-            else:
-                cell = common.vmapped_runs(cfg, grid, label=lambda g: f"lr={g['lr']:.4g}")
-                cache.parent.mkdir(parents=True, exist_ok=True)
-                cache.write_text(json.dumps(cell))
+            cell = common.cached_json(
+                cache, lambda cfg=cfg, grid=grid: common.vmapped_runs(cfg, grid, label=lambda g: f"lr={g['lr']:.4g}")
+            )
             for r in cell:
                 r["rule"], r["attack"] = rule, atk
                 recs.append(r)
