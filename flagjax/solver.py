@@ -25,6 +25,7 @@ product, then every IRLS step costs O(p^3), independent of d (shared/DESIGN.md s
 from __future__ import annotations
 
 import enum
+import functools
 from typing import NamedTuple
 
 import jax
@@ -448,7 +449,14 @@ def flag_median(
     """
     _check_points(points, r)
     _check_iters(max_iters)
-    points = jnp.asarray(points)
+    # one compiled program per (shape, dtype, r, max_iters): called eagerly (a notebook, a test, the
+    # released-code comparison), op-by-op dispatch compiled every small op of the loop anew (~3 s per
+    # new shape on a CPU, and ~0.3 s per call after); inside an outer jit/vmap this is a nested call
+    return _flag_median_jit(jnp.asarray(points), lam, eps, tol, r=r, max_iters=max_iters)
+
+
+@functools.partial(jax.jit, static_argnames=("r", "max_iters"))
+def _flag_median_jit(points, lam, eps, tol, *, r: int, max_iters: int) -> FlagSolution:
     info = prepare_gram(points)
     C, ratios, weights, obj, trace, steps, converged = solve_gram(
         info.K, info.valid, lam, eps, tol, r=r, max_iters=max_iters

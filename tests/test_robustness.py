@@ -90,7 +90,7 @@ def test_flag_median_any_rank(p, d, r_frac, seed):
 
 @pytest.mark.parametrize("name", ["mda", "smea"])
 def test_combinatorial_rules_small_sizes(name):
-    for p in range(1, 9):
+    for p in (1, 2, 3, 5, 8):  # each (p, f) compiles anew: the edge sizes, not all of 1..8
         g = np.random.default_rng(p).normal(size=(p, 5)).astype(np.float32)
         for f in range(0, aggregators.get(name).max_f(p) + 1):
             out = np.asarray(flagjax.aggregate(name, jnp.asarray(g), f=f))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import NamedTuple
 
@@ -108,6 +109,13 @@ def flag_with_info(
         raise ValueError(f"output must be one of {FLAG_OUTPUTS}; got {output!r}")
     solver._check_points(stack, r)
     solver._check_iters(max_iters)
+    # one compiled program per (shape, dtype, r, max_iters, output): eager callers (notebooks, tests,
+    # flagjax.aggregate) otherwise compile every small op of the IRLS loop anew; nested under jit
+    return _flag_with_info_jit(jnp.asarray(stack), lam, tol, eps, r=r, max_iters=max_iters, output=output)
+
+
+@functools.partial(jax.jit, static_argnames=("r", "max_iters", "output"))
+def _flag_with_info_jit(stack, lam, tol, eps, *, r: int, max_iters: int, output: str):
     info = solver.prepare_gram(stack)
     q, fi = flag_coefficients(info, r=r, lam=lam, max_iters=max_iters, tol=tol, eps=eps, output=output)
     agg = solver.combine_rows(stack, q, info)
