@@ -1,7 +1,8 @@
 """Beyond the paper: rule x attack -> final accuracy, with the worst case over attacks per rule
 (ALIE, IPM, their optimal versions against each rule, min-max, sign flip, random, Gaussian; f = 3 of 15).
-NNM in front of Multi-Krum, geometric median, centered clipping and worker momentum are the modern
-baselines the reviewers asked for; normalized_mean and clip+mean are the normalisation controls."""
+NNM (nearest-neighbour mixing) in front of FA, the mean, the median and Multi-Krum, the geometric median
+and centered clipping are the modern baselines the reviewers asked for (worker momentum: questions.py);
+normalized_mean and clip+mean are the normalisation controls."""
 
 from experiments import common
 
@@ -13,6 +14,9 @@ RULES = (
     "median",
     "multi_krum",
     "nnm+multi_krum",
+    "nnm+flag",
+    "nnm+mean",
+    "nnm+median",
     "geomed",
     "centered_clipping",
 )
