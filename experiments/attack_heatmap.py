@@ -22,8 +22,9 @@ RULES = (
     "centered_clipping(tau=1)",
 )
 # rows that are a rule with non-default hyperparameters: label -> (rule, rule_hparams). Centered clipping
-# from zero with ByzFL's tau = 100 never clips this CNN's gradients (norm ~1): it is the mean here; tau = 1
-# with 3 iterations clips. (In training the center stays zero: the previous aggregate is not fed back.)
+# from zero with ByzFL's tau = 100 clips none of this CNN's honest gradients (norm ~1), only huge Byzantine
+# rows, to 100x an honest one; tau = 1 with 3 iterations clips. (In training the center stays zero: the
+# previous aggregate is not fed back.)
 VARIANTS = {"centered_clipping(tau=1)": ("centered_clipping", {"tau": 1.0, "iters": 3})}
 
 ATTACKS = ("random", "gaussian", "signflip", "alie", "ipm", "optimal_alie", "optimal_ipm", "minmax")
