@@ -149,7 +149,8 @@ def main(argv=None):
                 hlo = su.step_fn.lower(su.state, x, y).compile().as_text()
                 hlo_bytes[layout] = sum(collective_bytes(hlo, 8).values())
             ms = time_interleaved(sus, steps)
-            (ts, bs), (th, bh) = (ms["server"], hlo_bytes["server"]), (ms["sharded"], hlo_bytes["sharded"])
+            ts, th = ms["server"], ms["sharded"]
+            bs, bh = hlo_bytes["server"], hlo_bytes["sharded"]
             lines.append(
                 f"| {p} | {rule} | {ts:.1f} | {th:.1f} | {th / ts:.2f} | {bs / 1e6:.2f} MB | {bh / 1e6:.2f} MB "
                 f"| {bh / (p / 8 + 1) / 1e6:.3f} MB |"

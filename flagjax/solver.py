@@ -450,8 +450,8 @@ def flag_median(
     _check_points(points, r)
     _check_iters(max_iters)
     # one compiled program per (shape, dtype, r, max_iters): called eagerly (a notebook, a test, the
-    # released-code comparison), op-by-op dispatch compiled every small op of the loop anew (~3 s per
-    # new shape on a CPU, and ~0.3 s per call after); inside an outer jit/vmap this is a nested call
+    # released-code comparison), op-by-op dispatch costs seconds per new shape and ~0.1 s per call
+    # (benchmarks/eager_calls.py); inside an outer jit/vmap this is a nested call
     return _flag_median_jit(jnp.asarray(points), lam, eps, tol, r=r, max_iters=max_iters)
 
 
