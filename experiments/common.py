@@ -87,10 +87,15 @@ def run_cells(args, cells: Sequence[Cell], base: train.TrainConfig, *, progress=
     from tqdm import tqdm
 
     records = []
-    if getattr(args, "rows", ""):
-        cells = [c for c in cells if c.row in args.rows.split(",")]
-    if getattr(args, "cols", ""):
-        cells = [c for c in cells if c.col in args.cols.split(",")]
+    for flag, attr in (("--rows", "row"), ("--cols", "col")):
+        wanted = [w for w in getattr(args, attr + "s", "").split(",") if w]
+        if not wanted:
+            continue
+        known = list(dict.fromkeys(getattr(c, attr) for c in cells))
+        unknown = [w for w in wanted if w not in known]
+        if unknown:
+            raise SystemExit(f"{flag}: unknown {unknown}; this script's {attr}s are {known}")
+        cells = [c for c in cells if getattr(c, attr) in wanted]
     if args.quick:  # smoke run: the first and the last cell (each run compiles its own training step)
         cells = list(cells)
         cells = cells[:1] + cells[1:][-1:]

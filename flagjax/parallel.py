@@ -28,6 +28,7 @@ every step (collectives in a body dispatched back-to-back can deadlock on 2 core
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -53,6 +54,8 @@ __all__ = [
     "SHARDED_RULES",
     "SEPARABLE_ATTACKS",
     "init_worker_momentum",
+    "init_prev_aggregate",
+    "uses_previous_center",
 ]
 
 AXIS = "workers"
@@ -123,6 +126,9 @@ class TrainState(NamedTuple):
       step: () int32. params, batch_stats: model variables (replicated).
       opt_state: optax state. worker_mom: (p, D) per-worker momentum (zeros when unused).
       key: PRNG key data (uint32), folded with the step for attacks and noise.
+      prev_agg: (D,) float32 aggregate of the previous step, fed to the rule as ``center`` when its
+        ``rule_hparams`` hold ``center="previous"`` (centered clipping as Karimireddy et al. run it);
+        an unused (1,) placeholder otherwise.
     """
 
     step: jax.Array
@@ -131,6 +137,21 @@ class TrainState(NamedTuple):
     opt_state: Any
     worker_mom: jax.Array
     key: jax.Array
+    prev_agg: jax.Array
+
+
+def uses_previous_center(cfg: StepConfig) -> bool:
+    """Whether the rule (or the rule an optimal attack simulates) is centred on the previous aggregate
+    (``center="previous"`` in ``rule_hparams`` / ``attack_hparams["rule_hparams"]``)."""
+    atk_rule_hp = dict(dict(cfg.attack_hparams).get("rule_hparams") or {})
+    return dict(cfg.rule_hparams).get("center") == "previous" or atk_rule_hp.get("center") == "previous"
+
+
+def _with_previous_center(hparams: dict, prev_agg) -> dict:
+    """``hparams`` with ``center="previous"`` replaced by the previous aggregate (else unchanged)."""
+    if hparams.get("center") == "previous":
+        return {**hparams, "center": prev_agg}
+    return hparams
 
 
 def resolve_layout(cfg: StepConfig, num_devices: int) -> tuple[str, str]:
@@ -163,6 +184,11 @@ def _check(cfg: StepConfig, num_devices: int) -> None:
         aggregators.get_pre(name)
     if f > r.max_f(p):
         raise ValueError(f"num_byzantine={f} is too large for rule {rule!r} with p={p}: requires {r.requirement}")
+    center = dict(cfg.rule_hparams).get("center")
+    if isinstance(center, str) and center != "previous":
+        raise ValueError(f"rule_hparams.center must be 'previous' or a (D,) array; got {center!r}")
+    if center == "previous" and "center" not in inspect.signature(r.fn).parameters:
+        raise ValueError(f"rule_hparams.center='previous' needs a rule with a center argument; {rule!r} has none")
     if cfg.attack == "lotka_volterra" and cfg.lv_map is None:
         raise ValueError("attack 'lotka_volterra' needs lv_map (flagjax.data.lotka_volterra_map)")
 
@@ -193,12 +219,15 @@ def _drop_rows(cfg: StepConfig, stack, key):
     return jnp.where(missing[:, None], jnp.nan, stack)
 
 
-def _gradient_attack(cfg: StepConfig, stack, key):
+def _gradient_attack(cfg: StepConfig, stack, key, prev_agg=None):
     if cfg.attack in DATA_ATTACKS or cfg.num_byzantine == 0:
         return stack
     f = cfg.num_byzantine
     honest = stack[: cfg.num_workers - f]
-    byz = attacks.attack(cfg.attack, honest, f=f, key=key, **dict(cfg.attack_hparams))
+    hp = dict(cfg.attack_hparams)
+    if hp.get("rule_hparams"):  # an optimal attack simulates the rule, previous center included
+        hp["rule_hparams"] = _with_previous_center(dict(hp["rule_hparams"]), prev_agg)
+    byz = attacks.attack(cfg.attack, honest, f=f, key=key, **hp)
     return jnp.concatenate([honest, byz.astype(stack.dtype)])
 
 
@@ -230,9 +259,9 @@ def _sharded_aggregate(cfg: StepConfig, slices, key):
     return aggregators.get(rule).fn(clean, f=f, key=key, **hp), {}
 
 
-def _server_aggregate(cfg: StepConfig, stack, key):
+def _server_aggregate(cfg: StepConfig, stack, key, prev_agg=None):
     rule, pre = aggregators.parse_spec(cfg.rule)
-    hp = dict(cfg.rule_hparams)
+    hp = _with_previous_center(dict(cfg.rule_hparams), prev_agg)
     if rule == "flag" and not pre:
         agg, fi = aggregators.flag_with_info(stack, **hp)
         # the paper's Fig. 3 comparison: reconstruction ratios on the (1-D) mean direction
@@ -354,22 +383,25 @@ def build_step(
             rows, loss, acc, stats_w, mom = mapped(state.params, state.batch_stats, state.worker_mom, x, y, key)
             # gather to the server(s) (a no-op on one device, skipped so the step can be vmapped)
             stack = rows if n == 1 else lax.with_sharding_constraint(rows, replicated)
-            stack = _gradient_attack(cfg, stack, jax.random.fold_in(key, 2))
+            stack = _gradient_attack(cfg, stack, jax.random.fold_in(key, 2), state.prev_agg)
             stack = _drop_rows(cfg, stack, jax.random.fold_in(key, 4))
-            agg, info = _server_aggregate(scfg, stack, jax.random.fold_in(key, 3))
+            agg, info = _server_aggregate(scfg, stack, jax.random.fold_in(key, 3), state.prev_agg)
         else:
             agg, loss, acc, stats_w, mom, info = mapped(state.params, state.batch_stats, state.worker_mom, x, y, key)
         stats = jax.tree.map(lambda s: jnp.mean(s, axis=0), stats_w)
         grads = unravel(agg.astype(jnp.float32))
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        new = TrainState(state.step + 1, params, stats, opt_state, mom, state.key)
+        prev = agg.astype(jnp.float32) if uses_previous_center(cfg) else state.prev_agg
+        new = TrainState(state.step + 1, params, stats, opt_state, mom, state.key, prev)
         metrics = {"loss": loss, "accuracy": acc, "agg_norm": jnp.linalg.norm(agg), **info}
         # replicated, so every process (multi-host) can read them
         if n > 1:
             metrics = jax.tree.map(lambda a: lax.with_sharding_constraint(a, replicated), metrics)
         return new, metrics
 
+    if uses_previous_center(cfg) and layout != "server":
+        raise ValueError("center='previous' needs layout='server'")
     if dynamic_hparams and layout != "server":
         raise ValueError("dynamic_hparams need layout='server'")
     if not jit:
@@ -382,3 +414,10 @@ def init_worker_momentum(cfg: StepConfig, params_template, mesh) -> jax.Array:
     orbax cannot checkpoint zero-size arrays)."""
     D = ravel_pytree(params_template)[0].shape[0] if cfg.worker_momentum > 0 else 1
     return jax.device_put(np.zeros((cfg.num_workers, D), np.float32), NamedSharding(mesh, P(AXIS)))
+
+
+def init_prev_aggregate(cfg: StepConfig, params_template, mesh) -> jax.Array:
+    """(D,) replicated zeros: the "previous aggregate" of step 0 when the rule is centred on it
+    (:func:`uses_previous_center`); an unused (1,) placeholder otherwise."""
+    D = ravel_pytree(params_template)[0].shape[0] if uses_previous_center(cfg) else 1
+    return jax.device_put(np.zeros((D,), np.float32), NamedSharding(mesh, P()))

@@ -382,6 +382,7 @@ def setup(cfg: TrainConfig, dataset: data.Dataset | None = None) -> Setup:
         opt_state=tx.init(params),
         worker_mom=parallel.init_worker_momentum(scfg, params, mesh),
         key=jax.random.key_data(jax.random.key(cfg.seed + 1)),
+        prev_agg=parallel.init_prev_aggregate(scfg, params, mesh),
     )
     state = state._replace(
         **{k: jax.device_put(getattr(state, k), rep) for k in ("step", "params", "batch_stats", "opt_state", "key")}

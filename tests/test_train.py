@@ -61,6 +61,7 @@ def test_per_worker_gradients_are_per_worker():
             tx.init(params),
             parallel.init_worker_momentum(cfg, params, mesh),
             jax.random.key_data(jax.random.key(0)),
+            parallel.init_prev_aggregate(cfg, params, mesh),
         )
         jax.block_until_ready(step(state, jnp.asarray(x), jnp.asarray(y)))
     finally:
@@ -74,6 +75,74 @@ def test_per_worker_gradients_are_per_worker():
         g = ravel_pytree(jax.grad(loss)(params, x[k], y[k]))[0]
         np.testing.assert_allclose(stack[k], g, rtol=2e-4, atol=2e-6)
     assert np.linalg.norm(stack[0] - stack[1]) > 1e-3 * np.linalg.norm(stack[0])
+
+
+def test_centered_clipping_is_centred_on_the_previous_aggregate(tmp_path):
+    """rule_hparams center='previous': step t's rule sees step t-1's aggregate as its center (zeros at
+    step 0)."""
+    from flagjax.aggregators import distance, registry
+
+    seen = []
+
+    def spy(stack, *, f=0, key=None, center=None, tau=1.0, iters=1):
+        jax.debug.callback(lambda s, c: seen.append((np.asarray(s), np.asarray(c))), stack, center)
+        return distance.centered_clipping(stack, center=center, tau=tau, iters=iters)
+
+    registry._REGISTRY["_spy_cc"] = registry.Rule("_spy_cc", spy, sanitize=False)
+    try:
+        cfg = _cfg(tmp_path, rule="_spy_cc", rule_hparams={"tau": 0.05, "center": "previous"}, attack="random")
+        su = train.setup(dataclasses.replace(cfg, num_devices=1), dataset=DS)
+        state = su.state
+        aggs = []
+        for k in range(3):
+            state, _ = su.step_fn(state, *su.batch(k))
+            aggs.append(np.asarray(state.prev_agg))
+    finally:
+        del registry._REGISTRY["_spy_cc"]
+    assert len(seen) == 3
+    np.testing.assert_array_equal(seen[0][1], 0.0)
+    for k in range(3):
+        stack, center = seen[k]
+        if k:
+            np.testing.assert_array_equal(center, aggs[k - 1])
+        # float64 reference: v = c + (1/p) sum_i clip_tau(g_i - c)
+        u = stack.astype(np.float64) - center
+        s = np.minimum(1.0, 0.05 / np.linalg.norm(u, axis=1))
+        np.testing.assert_allclose(aggs[k], center + (s[:, None] * u).mean(0), rtol=1e-4, atol=1e-7)
+
+
+def test_optimal_attack_sees_the_previous_center():
+    """An optimal attack against a rule centred on the previous aggregate simulates it with that center."""
+    from flagjax import attacks
+
+    rng = np.random.default_rng(0)
+    stack = jnp.asarray(rng.normal(size=(8, 30)), jnp.float32)
+    # a center on the attack's own line m - t sd makes the line search's choice depend on it
+    prev = stack[:6].mean(0) - 5 * stack[:6].std(0)
+    hp = {"tau": 0.5, "iters": 3}
+    cfg = parallel.StepConfig(
+        num_workers=8,
+        num_byzantine=2,
+        rule="centered_clipping",
+        rule_hparams=tuple({**hp, "center": "previous"}.items()),
+        attack="optimal_alie",
+        attack_hparams=(("rule", "centered_clipping"), ("rule_hparams", {**hp, "center": "previous"})),
+    )
+    key = jax.random.key(3)
+    got = parallel._gradient_attack(cfg, stack, key, prev)
+    want = attacks.attack(
+        "optimal_alie", stack[:6], f=2, key=key, rule="centered_clipping", rule_hparams={**hp, "center": prev}
+    )
+    np.testing.assert_array_equal(got[6:], want)
+    zero = attacks.attack("optimal_alie", stack[:6], f=2, key=key, rule="centered_clipping", rule_hparams=hp)
+    assert not np.allclose(want, zero)  # so the test fails if the center were not passed on
+
+
+def test_previous_center_needs_a_rule_with_a_center(tmp_path):
+    with pytest.raises(ValueError, match="center='previous' needs a rule with a center argument"):
+        train.setup(_cfg(tmp_path, rule="median", rule_hparams={"center": "previous"}), dataset=DS)
+    with pytest.raises(ValueError, match="rule_hparams.center must be 'previous'"):
+        train.setup(_cfg(tmp_path, rule="centered_clipping", rule_hparams={"center": "last"}), dataset=DS)
 
 
 @pytest.mark.parametrize("layout", ["server", "sharded"])
@@ -124,9 +193,18 @@ def test_one_device_equals_eight(tmp_path, rule, atol):
     np.testing.assert_allclose(ravel_pytree(runs[0].params)[0], ravel_pytree(runs[1].params)[0], rtol=1e-5, atol=atol)
 
 
-def test_resume_matches_uninterrupted(tmp_path):
-    full = train.run(_cfg(tmp_path / "full", steps=6, attack="random", worker_momentum=0.5), dataset=DS)
-    part = _cfg(tmp_path / "part", steps=6, attack="random", worker_momentum=0.5, checkpoint_every=3)
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(worker_momentum=0.5),
+        dict(rule="centered_clipping", rule_hparams={"tau": 0.1, "center": "previous"}),
+    ],
+    ids=["flag+worker_momentum", "centered_clipping_previous"],
+)
+def test_resume_matches_uninterrupted(tmp_path, kw):
+    """Everything a step carries (worker momentum, the previous aggregate) survives a checkpoint."""
+    full = train.run(_cfg(tmp_path / "full", steps=6, attack="random", **kw), dataset=DS)
+    part = _cfg(tmp_path / "part", steps=6, attack="random", checkpoint_every=3, **kw)
 
     class Crash(Exception):
         pass
