@@ -55,7 +55,8 @@ class TrainConfig:
     ``worker_momentum`` (an EMA of each worker's gradients, sent instead of the gradient; it replaces
     the server's momentum: set ``momentum=0`` with it — with both at 0.9 and lr 0.05 the paper CNN
     diverges even without attackers), ``drop_prob`` (stragglers: a missing row is treated as Byzantine, sent as
-    NaN). Aggregation: ``rule`` (e.g. "flag", "nnm+krum") with ``rule_hparams``,
+    NaN). Aggregation: ``rule`` (e.g. "flag", "nnm+krum") with ``rule_hparams`` (``center="previous"``
+    centres a rule with a ``center`` argument, e.g. centered clipping, on the previous aggregate),
     ``layout`` ("server"/"sharded"), ``num_devices`` (0 = the most devices that divide p).
     Optimisation: ``optimizer`` (any optax name; "sgd" uses ``momentum``), ``lr``, ``weight_decay``,
     step schedule ``lr_decay`` every ``lr_decay_epochs`` epochs (the paper: x0.2 every 10),

@@ -233,8 +233,10 @@ def geomed(stack, **kwargs):
 
 def centered_clipping(stack, *, f: int = 0, key=None, center=None, tau=100.0, iters: int = 1):
     """Centered clipping (Karimireddy, He, Jaggi, ICML 2021): v <- v + (1/p) sum_i clip_tau(g_i - v),
-    ``iters`` times from ``center`` (a (d,) vector: the previous aggregate or momentum in training;
-    default zeros, as ByzFL). clip_tau(u) = u * min(1, tau / ||u||). (p, d) -> (d,).
+    ``iters`` times from ``center`` (a (d,) vector; default zeros, as ByzFL). In training,
+    ``rule_hparams={"center": "previous"}`` centres it on the previous step's aggregate, as Karimireddy
+    et al. run it (``flagjax.parallel.TrainState.prev_agg``). clip_tau(u) = u * min(1, tau / ||u||).
+    (p, d) -> (d,).
 
     v stays alpha * center + c @ stack. Few iterations (<= 2) run in d-space (two passes over the
     stack each); more run in Gram space (one Gram product, then O(p^2) per iteration).
