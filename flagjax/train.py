@@ -6,6 +6,7 @@ never prints — progress goes through the ``on_step`` / ``on_eval`` callbacks.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -276,23 +277,24 @@ def _split_validation(ds: data.Dataset, fraction: float, seed: int):
     return ds.train_x[tr], ds.train_y[tr], ds.train_x[val], ds.train_y[val]
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _eval_batch(model, variables, xb, yb):
+    """(summed loss, number correct) of one evaluation batch; compiled once per model and batch shape."""
+    logits = model.apply(variables, xb, train=False)
+    return (
+        jnp.sum(optax.softmax_cross_entropy_with_integer_labels(logits, yb)),
+        jnp.sum(jnp.argmax(logits, -1) == yb),
+    )
+
+
 def _evaluate(model, params, stats, x, y, limit: int, batch: int = 2000) -> tuple[float, float]:
     if limit:
         x, y = x[:limit], y[:limit]
     has_bn = bool(jax.tree_util.tree_leaves(stats))
     variables = {"params": params, **({"batch_stats": stats} if has_bn else {})}
-
-    @jax.jit
-    def f(v, xb, yb):
-        logits = model.apply(v, xb, train=False)
-        return (
-            jnp.sum(optax.softmax_cross_entropy_with_integer_labels(logits, yb)),
-            jnp.sum(jnp.argmax(logits, -1) == yb),
-        )
-
     tot_loss, tot_acc = 0.0, 0
     for i in range(0, len(y), batch):
-        lo, ac = f(variables, x[i : i + batch], y[i : i + batch])
+        lo, ac = _eval_batch(model, variables, x[i : i + batch], y[i : i + batch])
         tot_loss += float(lo)
         tot_acc += int(ac)
     return tot_loss / len(y), tot_acc / len(y)

@@ -51,3 +51,42 @@ def test_rows_and_cols_select_cells(tmp_path):
     assert [(r["row"], r["col"]) for r in recs] == [(row, "optimal_ipm")]
     with pytest.raises(SystemExit, match=r"--cols: unknown \['ipn'\].*'optimal_ipm'"):
         attack_heatmap.main([*args, "--rows", row, "--cols", "ipn"])
+
+
+def test_paper_setting_runs_on_tfds_mock_data(tmp_path):
+    """--paper starts from experiments/configs/cifar10_resnet18.py (CIFAR-10 via TFDS, ResNet-18, batch
+    128, p = 15); one cell of it trains end to end on TFDS mock data (CIFAR-shaped random images)."""
+    import json
+
+    tfds = pytest.importorskip("tensorflow_datasets")
+    from experiments import common, fig1_mean_not_robust
+
+    cfg = common.base_config(common.parse_args("fig1_mean_not_robust", "", ["--paper"]))
+    got = (cfg.dataset, cfg.model, cfg.batch_size, cfg.num_workers, cfg.lr)
+    assert got == ("tfds:cifar10", "resnet18", 128, 15, 0.1)
+    assert common.parse_args("fig2_tolerance", "", ["--paper"]).out.name == "fig2_tolerance_paper"
+    out = tmp_path / "fig1_paper"
+    small = ["steps=2", "batch_size=2", "eval_every=2", "eval_examples=16", "num_workers=3", "log_every=1"]
+    with tfds.testing.mock_data(num_examples=64):
+        cell = ["--rows", "flag", "--cols", "f=1"]
+        fig1_mean_not_robust.main(["--paper", "--seeds", "1", *cell, "--out", str(out), *small])
+    (rec,) = json.loads((out / "records.json").read_text())
+    assert rec["steps"] == 2 and 0.0 <= rec["test_accuracy"] <= 1.0
+    assert "--paper" in (out / "README.md").read_text()
+
+
+def test_vmapped_runs_evaluate_batchnorm_models():
+    """The vmapped sweeps (Fig. 7, the lr protocol) evaluate each model with its own BatchNorm statistics."""
+    import dataclasses
+
+    import numpy as np
+
+    from experiments import common
+
+    args = common.parse_args("fig7_lambda_sweep", "", ["--paper"])
+    base = common.base_config(args, num_workers=3, num_byzantine=1, batch_size=2, steps=2, eval_every=2)
+    base = dataclasses.replace(base, dataset="synthetic", eval_examples=16)
+    recs = common.vmapped_runs(base, [{"seed": 0, "lam": 0.0}, {"seed": 1, "lam": 1.0}], label=lambda g: "flag")
+    assert [len(r["history"]) for r in recs] == [1, 1]
+    assert all(np.isfinite(r["history"][0]["test_loss"]) for r in recs)
+    assert recs[0]["history"][0]["test_loss"] != recs[1]["history"][0]["test_loss"]
