@@ -1,8 +1,9 @@
 """Beyond the paper: rule x attack -> final accuracy, with the worst case over attacks per rule
 (ALIE, IPM, their optimal versions against each rule, min-max, sign flip, random, Gaussian; f = 3 of 15).
-NNM (nearest-neighbour mixing) in front of FA, the mean, the median and Multi-Krum, the geometric median
-and centered clipping are the modern baselines the reviewers asked for (worker momentum: questions.py);
-normalized_mean and clip+mean are the normalisation controls."""
+NNM (nearest-neighbour mixing) in front of FA, the mean, the median, Multi-Krum, normalized_mean and
+centered clipping (tau = 1), the geometric median and centered clipping are the modern baselines the
+reviewers asked for (worker momentum: questions.py); normalized_mean and clip+mean are the normalisation
+controls."""
 
 from experiments import common
 
@@ -17,10 +18,12 @@ RULES = (
     "nnm+flag",
     "nnm+mean",
     "nnm+median",
+    "nnm+normalized_mean",
     "geomed",
     "centered_clipping",
     "centered_clipping(tau=1)",
     "centered_clipping(tau=1) from previous",
+    "nnm+centered_clipping(tau=1)",
 )
 # rows that are a rule with non-default hyperparameters: label -> (rule, rule_hparams). Centered clipping
 # from zero with ByzFL's tau = 100 clips none of this CNN's honest gradients (norm ~1), only huge Byzantine
@@ -29,6 +32,7 @@ RULES = (
 VARIANTS = {
     "centered_clipping(tau=1)": ("centered_clipping", {"tau": 1.0, "iters": 3}),
     "centered_clipping(tau=1) from previous": ("centered_clipping", {"tau": 1.0, "iters": 3, "center": "previous"}),
+    "nnm+centered_clipping(tau=1)": ("nnm+centered_clipping", {"tau": 1.0, "iters": 3}),
 }
 
 ATTACKS = ("random", "gaussian", "signflip", "alie", "ipm", "optimal_alie", "optimal_ipm", "minmax")
