@@ -140,16 +140,20 @@ class TrainState(NamedTuple):
     prev_agg: jax.Array
 
 
+def _is_previous(center) -> bool:
+    return isinstance(center, str) and center == "previous"  # center may also be an array
+
+
 def uses_previous_center(cfg: StepConfig) -> bool:
     """Whether the rule (or the rule an optimal attack simulates) is centred on the previous aggregate
     (``center="previous"`` in ``rule_hparams`` / ``attack_hparams["rule_hparams"]``)."""
     atk_rule_hp = dict(dict(cfg.attack_hparams).get("rule_hparams") or {})
-    return dict(cfg.rule_hparams).get("center") == "previous" or atk_rule_hp.get("center") == "previous"
+    return _is_previous(dict(cfg.rule_hparams).get("center")) or _is_previous(atk_rule_hp.get("center"))
 
 
 def _with_previous_center(hparams: dict, prev_agg) -> dict:
     """``hparams`` with ``center="previous"`` replaced by the previous aggregate (else unchanged)."""
-    if hparams.get("center") == "previous":
+    if _is_previous(hparams.get("center")):
         return {**hparams, "center": prev_agg}
     return hparams
 
@@ -187,7 +191,7 @@ def _check(cfg: StepConfig, num_devices: int) -> None:
     center = dict(cfg.rule_hparams).get("center")
     if isinstance(center, str) and center != "previous":
         raise ValueError(f"rule_hparams.center must be 'previous' or a (D,) array; got {center!r}")
-    if center == "previous" and "center" not in inspect.signature(r.fn).parameters:
+    if _is_previous(center) and "center" not in inspect.signature(r.fn).parameters:
         raise ValueError(f"rule_hparams.center='previous' needs a rule with a center argument; {rule!r} has none")
     if cfg.attack == "lotka_volterra" and cfg.lv_map is None:
         raise ValueError("attack 'lotka_volterra' needs lv_map (flagjax.data.lotka_volterra_map)")

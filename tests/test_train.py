@@ -138,6 +138,14 @@ def test_optimal_attack_sees_the_previous_center():
     assert not np.allclose(want, zero)  # so the test fails if the center were not passed on
 
 
+def test_array_center_is_passed_as_is():
+    """A fixed (D,) array as center is not mistaken for "previous" (no elementwise comparison)."""
+    cfg = parallel.StepConfig(num_workers=4, rule="centered_clipping", rule_hparams=(("center", np.zeros(3)),))
+    assert not parallel.uses_previous_center(cfg)
+    prev = jnp.ones(3)
+    assert parallel._with_previous_center(dict(cfg.rule_hparams), prev)["center"] is cfg.rule_hparams[0][1]
+
+
 def test_previous_center_needs_a_rule_with_a_center(tmp_path):
     with pytest.raises(ValueError, match="center='previous' needs a rule with a center argument"):
         train.setup(_cfg(tmp_path, rule="median", rule_hparams={"center": "previous"}), dataset=DS)
