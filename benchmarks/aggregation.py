@@ -23,6 +23,7 @@ import statistics
 import sys
 import time
 
+import _report  # benchmarks/_report.py (the script's folder is on sys.path)
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -253,10 +254,7 @@ def main(argv=None):
         part = render_rules(rr)
         print(part)
         text += part
-    if args.out:
-        os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-        with open(args.out, "w") as fh:
-            fh.write(text)
+    _report.save(text, args.out)
     return rows
 
 

@@ -19,6 +19,7 @@ import statistics
 import sys
 import time
 
+import _report  # benchmarks/_report.py (the script's folder is on sys.path)
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -71,10 +72,7 @@ def main(argv=None):
             "",
         ]
     )
-    if args.out:
-        os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-        with open(args.out, "w") as fh:
-            fh.write(text)
+    _report.save(text, args.out)
     print(text)
 
 

@@ -30,6 +30,7 @@ import sys  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
 
+import _report  # noqa: E402  # benchmarks/_report.py (the script's folder is on sys.path)
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
@@ -157,10 +158,7 @@ def main(argv=None):
             )
             print(lines[-1], flush=True)
     text = "\n".join(lines) + "\n"
-    if args.out:
-        os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-        with open(args.out, "w") as fh:
-            fh.write(text)
+    _report.save(text, args.out)
     print(text)
 
 
