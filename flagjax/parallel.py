@@ -188,13 +188,22 @@ def _check(cfg: StepConfig, num_devices: int) -> None:
         aggregators.get_pre(name)
     if f > r.max_f(p):
         raise ValueError(f"num_byzantine={f} is too large for rule {rule!r} with p={p}: requires {r.requirement}")
-    center = dict(cfg.rule_hparams).get("center")
-    if isinstance(center, str) and center != "previous":
-        raise ValueError(f"rule_hparams.center must be 'previous' or a (D,) array; got {center!r}")
-    if _is_previous(center) and "center" not in inspect.signature(r.fn).parameters:
-        raise ValueError(f"rule_hparams.center='previous' needs a rule with a center argument; {rule!r} has none")
+    _check_center("rule_hparams", cfg.rule_hparams, rule)
+    atk_hp = dict(cfg.attack_hparams)
+    if atk_hp.get("rule_hparams"):  # the rule an optimal attack simulates (its default: the mean)
+        sim_rule = aggregators.parse_spec(atk_hp.get("rule") or "mean")[0]
+        _check_center("attack_hparams.rule_hparams", atk_hp["rule_hparams"], sim_rule)
     if cfg.attack == "lotka_volterra" and cfg.lv_map is None:
         raise ValueError("attack 'lotka_volterra' needs lv_map (flagjax.data.lotka_volterra_map)")
+
+
+def _check_center(where: str, hparams, rule: str) -> None:
+    """``center`` in ``hparams`` is absent, an array, or "previous" for a rule that takes a center."""
+    center = dict(hparams).get("center")
+    if isinstance(center, str) and center != "previous":
+        raise ValueError(f"{where}.center must be 'previous' or a (D,) array; got {center!r}")
+    if _is_previous(center) and "center" not in inspect.signature(aggregators.get(rule).fn).parameters:
+        raise ValueError(f"{where}.center='previous' needs a rule with a center argument; {rule!r} has none")
 
 
 def _data_attack(cfg: StepConfig, x, y, worker_idx, key):

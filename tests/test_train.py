@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import re
 
 import jax
 import jax.numpy as jnp
@@ -151,6 +152,15 @@ def test_previous_center_needs_a_rule_with_a_center(tmp_path):
         train.setup(_cfg(tmp_path, rule="median", rule_hparams={"center": "previous"}), dataset=DS)
     with pytest.raises(ValueError, match="rule_hparams.center must be 'previous'"):
         train.setup(_cfg(tmp_path, rule="centered_clipping", rule_hparams={"center": "last"}), dataset=DS)
+    # the same checks for the rule an optimal attack simulates (its own rule_hparams; default rule: mean)
+    for atk_hp, msg in [
+        ({"rule": "median", "rule_hparams": {"center": "previous"}}, "attack_hparams.rule_hparams.center='previous'"),
+        ({"rule_hparams": {"center": "previous"}}, "'mean' has none"),
+        ({"rule": "centered_clipping", "rule_hparams": {"center": "last"}}, "attack_hparams.rule_hparams.center must"),
+    ]:
+        cfg = _cfg(tmp_path, attack="optimal_alie", attack_hparams=atk_hp)
+        with pytest.raises(ValueError, match=re.escape(msg)):
+            train.setup(cfg, dataset=DS)
 
 
 @pytest.mark.parametrize("layout", ["server", "sharded"])
