@@ -33,15 +33,18 @@ def main(argv=None):
     for rule in rules:
         for atk in attacks:
             cfg = common.train.apply_overrides(base, [f"rule={rule}", f"attack={atk}"])
-            grid = [{"seed": s, "lr": lr} for lr in lrs for s in range(args.seeds)]
-            # one JSON file per (rule, attack) program, so an interrupted protocol resumes where it stopped
-            cache = args.out / "runs" / common._slug(f"{rule}__{atk}__seeds{args.seeds}__steps{cfg.steps}.json")
-            cell = common.cached_json(
-                cache, lambda cfg=cfg, grid=grid: common.vmapped_runs(cfg, grid, label=lambda g: f"lr={g['lr']:.4g}")
-            )
-            for r in cell:
-                r["rule"], r["attack"] = rule, atk
-                recs.append(r)
+            for seed in range(args.seeds):
+                # one program (the lr grid, vmapped) and one JSON file per (rule, attack, seed): an interrupted
+                # protocol resumes where it stopped, and more seeds add programs without redoing the first
+                grid = [{"seed": seed, "lr": lr} for lr in lrs]
+                cache = args.out / "runs" / common._slug(f"{rule}__{atk}__seed{seed}__steps{cfg.steps}.json")
+                cell = common.cached_json(
+                    cache,
+                    lambda cfg=cfg, grid=grid: common.vmapped_runs(cfg, grid, label=lambda g: f"lr={g['lr']:.4g}"),
+                )
+                for r in cell:
+                    r["rule"], r["attack"] = rule, atk
+                    recs.append(r)
     # selection: per rule, the lr maximising the worst case over attacks of the mean validation accuracy
     chosen, main_rows, grid_rows = {}, [], []
     for rule in rules:
