@@ -90,3 +90,25 @@ def test_vmapped_runs_evaluate_batchnorm_models():
     assert [len(r["history"]) for r in recs] == [1, 1]
     assert all(np.isfinite(r["history"][0]["test_loss"]) for r in recs)
     assert recs[0]["history"][0]["test_loss"] != recs[1]["history"][0]["test_loss"]
+
+
+def test_lr_protocol_adds_seeds_without_redoing_cached_ones(tmp_path):
+    """Each (rule, attack, seed) is its own cached program: --seeds 2 after --seeds 1 reuses seed 0's files
+    and adds seed 1's, and the report's records cover both seeds."""
+    import json
+
+    from experiments import lr_protocol
+
+    out = tmp_path / "lr"
+    args = ["--quick", "--rows", "flag", "--out", str(out), "steps=2", "eval_every=2"]
+    lr_protocol.main(["--seeds", "1", *args])
+    seed0 = sorted((out / "runs").glob("*__seed0__*.json"))
+    assert seed0
+    for path in seed0:  # marks seed 0's files: a recomputation would overwrite the mark
+        path.write_text(json.dumps([{**r, "val_accuracy": 0.5} for r in json.loads(path.read_text())]))
+    lr_protocol.main(["--seeds", "2", *args])
+    names = [p.name for p in sorted((out / "runs").glob("*.json"))]
+    assert names == sorted([p.name for p in seed0] + [p.name.replace("__seed0__", "__seed1__") for p in seed0])
+    recs = json.loads((out / "records.json").read_text())
+    assert sorted({r["seed"] for r in recs}) == [0, 1]
+    assert {r["val_accuracy"] for r in recs if r["seed"] == 0} == {0.5}  # read back, not recomputed
