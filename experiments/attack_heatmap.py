@@ -1,9 +1,10 @@
 """Beyond the paper: rule x attack -> final accuracy, with the worst case over attacks per rule
 (ALIE, IPM, their optimal versions against each rule, min-max, sign flip, random, Gaussian; f = 3 of 15).
-The modern baselines the reviewers asked for: NNM (nearest-neighbour mixing) in front of each rule of the
-grid, the geometric median, centered clipping (from zero, and from the previous aggregate with and without
-worker momentum), and FA with worker momentum; normalized_mean and clip+mean are the normalisation
-controls."""
+Rows: FA; the paper's baselines (mean, median, trimmed mean, MeaMed, Phocas, Multi-Krum, Bulyan); the
+modern baselines the reviewers asked for - the geometric median, centered clipping (from zero, and from
+the previous aggregate with and without worker momentum), NNM (nearest-neighbour mixing) in front of FA,
+the mean, the median, Multi-Krum, geomed, centered clipping and the two controls, FA with worker
+momentum; and the normalisation controls normalized_mean and clip+mean."""
 
 from experiments import common
 
@@ -29,6 +30,10 @@ RULES = (
     "nnm+centered_clipping",
     "centered_clipping(tau=1) from previous + worker momentum",
     "flag + worker momentum",
+    "trimmed_mean",
+    "meamed",
+    "phocas",
+    "bulyan",
 )
 # rows that are a rule with non-default hyperparameters or training settings: label -> (rule, rule_hparams,
 # training overrides). Centered clipping
