@@ -36,12 +36,11 @@ RULES = (
     "bulyan",
 )
 # rows that are a rule with non-default hyperparameters or training settings: label -> (rule, rule_hparams,
-# training overrides). Centered clipping
-# from zero with ByzFL's tau = 100 clips none of this CNN's honest gradients (norm ~1), only huge Byzantine
-# rows, to 100x an honest one; tau = 1 with 3 iterations clips. "previous": centred on the previous step's
-# aggregate (the optimal attacks simulate the rule with that center too). "+ worker momentum": each honest
-# worker sends an EMA of its gradients (beta = 0.9) in place of the server's momentum - with the previous
-# center, Karimireddy et al.'s full recipe.
+# training overrides). Centered clipping from zero with ByzFL's tau = 100 clips none of this CNN's honest
+# gradients (norm ~1), only huge Byzantine rows, to 100x an honest one; tau = 1 with 3 iterations clips.
+# "previous": centred on the previous step's aggregate (the optimal attacks simulate the rule with that
+# center too). "+ worker momentum": each honest worker sends an EMA of its gradients (beta = 0.9) in place
+# of the server's momentum - with the previous center, Karimireddy et al.'s full recipe.
 _CC1 = {"tau": 1.0, "iters": 3}
 _PREV = {**_CC1, "center": "previous"}
 _WORKER_MOMENTUM = {"worker_momentum": 0.9, "momentum": 0.0}
