@@ -2,9 +2,9 @@
 (ALIE, IPM, their optimal versions against each rule, min-max, sign flip, random, Gaussian; f = 3 of 15).
 Rows: FA; the paper's baselines (mean, median, trimmed mean, MeaMed, Phocas, Multi-Krum, Bulyan); the
 modern baselines the reviewers asked for - the geometric median, centered clipping (from zero, and from
-the previous aggregate with and without worker momentum), NNM (nearest-neighbour mixing) in front of FA,
-the mean, the median, Multi-Krum, geomed, centered clipping and the two controls, FA with worker
-momentum; and the normalisation controls normalized_mean and clip+mean."""
+the previous aggregate with and without worker momentum), FA with worker momentum, and NNM
+(nearest-neighbour mixing) in front of every rule but the centered clippings from the previous aggregate;
+and the normalisation controls normalized_mean and clip+mean."""
 
 from experiments import common
 
@@ -34,6 +34,10 @@ RULES = (
     "meamed",
     "phocas",
     "bulyan",
+    "nnm+trimmed_mean",
+    "nnm+meamed",
+    "nnm+bulyan",
+    "nnm+phocas",
 )
 # rows that are a rule with non-default hyperparameters or training settings: label -> (rule, rule_hparams,
 # training overrides). Centered clipping from zero with ByzFL's tau = 100 clips none of this CNN's honest
