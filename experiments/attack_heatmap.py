@@ -4,8 +4,7 @@ Rows: FA; the paper's baselines (mean, median, trimmed mean, MeaMed, Phocas, Mul
 modern baselines the reviewers asked for - the geometric median, centered clipping (from zero, and from
 the previous aggregate with and without worker momentum), FA with worker momentum, and NNM
 (nearest-neighbour mixing) in front of every rule but Phocas and the centered clippings from the previous
-aggregate;
-and the normalisation controls normalized_mean and clip+mean."""
+aggregate; and the normalisation controls normalized_mean and clip+mean."""
 
 from experiments import common
 
