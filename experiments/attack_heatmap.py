@@ -3,8 +3,8 @@
 Rows: FA; the paper's baselines (mean, median, trimmed mean, MeaMed, Phocas, Multi-Krum, Bulyan); the
 modern baselines the reviewers asked for - the geometric median, centered clipping (from zero, and from
 the previous aggregate with and without worker momentum), FA with worker momentum, and NNM
-(nearest-neighbour mixing) in front of every rule but Phocas, Bulyan and the centered clippings from the
-previous aggregate; and the normalisation controls normalized_mean and clip+mean."""
+(nearest-neighbour mixing) in front of every rule but the centered clippings from the previous
+aggregate; and the normalisation controls normalized_mean and clip+mean."""
 
 from experiments import common
 
@@ -36,6 +36,8 @@ RULES = (
     "bulyan",
     "nnm+trimmed_mean",
     "nnm+meamed",
+    "nnm+phocas",
+    "nnm+bulyan",
 )
 # rows that are a rule with non-default hyperparameters or training settings: label -> (rule, rule_hparams,
 # training overrides). Centered clipping from zero with ByzFL's tau = 100 clips none of this CNN's honest
