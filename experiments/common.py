@@ -100,20 +100,27 @@ def _slug(text: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in text)
 
 
+def select(args, attr: str, labels: Sequence[str]) -> list[str]:
+    """The ``labels`` (row or column labels, ``attr`` = "row" / "col") picked by ``--rows`` / ``--cols``, in
+    order; all of them when the flag is empty. An unknown label exits with the list of known ones."""
+    known = list(dict.fromkeys(labels))
+    wanted = [w for w in getattr(args, attr + "s", "").split(",") if w]
+    if not wanted:
+        return known
+    unknown = [w for w in wanted if w not in known]
+    if unknown:
+        raise SystemExit(f"--{attr}s: unknown {unknown}; this script's {attr}s are {known}")
+    return [k for k in known if k in wanted]
+
+
 def run_cells(args, cells: Sequence[Cell], base: train.TrainConfig, *, progress=True) -> list[dict]:
     """Run every cell for seeds 0..N-1 (skipping runs whose log is complete); return one record per run."""
     from tqdm import tqdm
 
     records = []
-    for flag, attr in (("--rows", "row"), ("--cols", "col")):
-        wanted = [w for w in getattr(args, attr + "s", "").split(",") if w]
-        if not wanted:
-            continue
-        known = list(dict.fromkeys(getattr(c, attr) for c in cells))
-        unknown = [w for w in wanted if w not in known]
-        if unknown:
-            raise SystemExit(f"{flag}: unknown {unknown}; this script's {attr}s are {known}")
-        cells = [c for c in cells if getattr(c, attr) in wanted]
+    for attr in ("row", "col"):
+        chosen = set(select(args, attr, [getattr(c, attr) for c in cells]))
+        cells = [c for c in cells if getattr(c, attr) in chosen]
     if args.quick:  # smoke run: the first and the last cell (each run compiles its own training step)
         cells = list(cells)
         cells = cells[:1] + cells[1:][-1:]

@@ -24,8 +24,7 @@ ATTACKS = ("random", "alie", "ipm", "signflip")
 def main(argv=None):
     args = common.parse_args("lr_protocol", __doc__, argv)
     base = common.base_config(args, val_fraction=0.1)
-    rules = [r for r in RULES if not args.rows or r in args.rows.split(",")]
-    attacks = [a for a in ATTACKS if not args.cols or a in args.cols.split(",")]
+    rules, attacks = common.select(args, "row", RULES), common.select(args, "col", ATTACKS)
     if args.quick:
         rules, attacks = rules[:2], attacks[:1]
     lrs = (base.lr / 3, base.lr, base.lr * 3)

@@ -51,6 +51,10 @@ def test_rows_and_cols_select_cells(tmp_path):
     assert [(r["row"], r["col"]) for r in recs] == [(row, "optimal_ipm")]
     with pytest.raises(SystemExit, match=r"--cols: unknown \['ipn'\].*'optimal_ipm'"):
         attack_heatmap.main([*args, "--rows", row, "--cols", "ipn"])
+    from experiments import lr_protocol  # its vmapped grid picks rows and columns the same way
+
+    with pytest.raises(SystemExit, match=r"--rows: unknown \['flg'\].*'flag'"):
+        lr_protocol.main([*args, "--rows", "flg"])
 
 
 def test_paper_setting_runs_on_tfds_mock_data(tmp_path):
