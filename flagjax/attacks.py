@@ -17,15 +17,30 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-__all__ = ["Attack", "attack", "names", "get", "register", "alie_z"]
+__all__ = ["Attack", "attack", "names", "get", "register", "alie_z", "coordinate_noise", "NOISE_BLOCK"]
+
+NOISE_BLOCK = 4096
 
 
 @dataclasses.dataclass(frozen=True)
 class Attack:
-    """A registered attack: ``fn(honest (h, d), *, f, key, **hp) -> (f, d)``."""
+    """A registered attack: ``fn(honest (h, d), *, f, key, **hp) -> (f, d)``.
+
+    Attributes:
+      name: registry name.
+      fn: the attack. A ``separable`` attack also takes ``offset`` (the global index of the first
+        column of ``honest``) and must give, on any column slice ``honest[:, a:b]`` with
+        ``offset=a``, exactly the columns ``a:b`` of its output on the whole stack: every statistic
+        is per coordinate, whole-row random choices come from ``key`` alone (so every device of the
+        sharded layout draws the same), and per-coordinate noise comes from :func:`coordinate_noise`.
+      separable: whether the attack may run on coordinate slices (the sharded layout's capability).
+      needs_key: whether the output depends on ``key``.
+    """
 
     name: str
     fn: Callable[..., jax.Array]
+    separable: bool = False
+    needs_key: bool = False
 
 
 _REGISTRY: dict[str, Attack] = {}
@@ -52,7 +67,7 @@ def get(name: str) -> Attack:
         raise KeyError(f"unknown attack name={name!r}; known attacks: {', '.join(names())}") from None
 
 
-def attack(name: str, honest: jax.Array, *, f: int, key: jax.Array, **hparams) -> jax.Array:
+def attack(name: str, honest: jax.Array, *, f: int, key: jax.Array, offset=0, **hparams) -> jax.Array:
     """Craft ``f`` Byzantine rows with attack ``name``.
 
     Args:
@@ -60,6 +75,8 @@ def attack(name: str, honest: jax.Array, *, f: int, key: jax.Array, **hparams) -
       honest: (h, d) float array, the honest gradients of the round (h >= 1).
       f: static number of Byzantine rows to produce (>= 0).
       key: PRNG key.
+      offset: global index of ``honest``'s first column (int or traced int32; separable attacks only:
+        the sharded layout passes its slice's start so per-coordinate noise is layout-independent).
       **hparams: the attack's hyperparameters (see its docstring).
 
     Returns:
@@ -73,6 +90,10 @@ def attack(name: str, honest: jax.Array, *, f: int, key: jax.Array, **hparams) -
         raise ValueError(f"f must be a non-negative Python int; got {f!r}")
     if key is None:
         raise ValueError("key must be a PRNG key (jax.random.key(seed)); attacks never use a global seed")
+    if atk.separable:
+        hparams["offset"] = offset
+    elif not (isinstance(offset, int) and offset == 0):
+        raise ValueError(f"offset is for separable attacks only; attack {name!r} needs whole rows")
     out = atk.fn(honest, f=f, key=key, **hparams)
     return jnp.asarray(out, honest.dtype).reshape(f, honest.shape[1])
 
@@ -82,42 +103,67 @@ def _mean(honest):
     return jnp.dot(jnp.full((h,), 1.0 / h, honest.dtype), honest, precision=lax.Precision.HIGHEST)
 
 
-def _random(honest, *, f, key, low=0.0, high=1.0):
+def coordinate_noise(key: jax.Array, draw: Callable, rows: int, start, size: int) -> jax.Array:
+    """(rows, size) noise for the global coordinates [start, start + size) of a longer vector.
+
+    Coordinates are cut into fixed blocks of :data:`NOISE_BLOCK` (4096); block b is
+    ``draw(fold_in(key, b), (rows, NOISE_BLOCK))``. A device holding the slice [a, b) of the
+    coordinates therefore draws exactly the values the server draws for them, whatever the number of
+    devices (docs/design.md, "Keys"). ``start`` may be traced (``axis_index * slice``); ``size`` is static.
+    """
+    if isinstance(start, (int, np.integer)):
+        first = int(start) // NOISE_BLOCK
+        nblocks = -(-(int(start) + size) // NOISE_BLOCK) - first
+    else:
+        first = start // NOISE_BLOCK
+        nblocks = -(-size // NOISE_BLOCK) + 1
+    blocks = jax.vmap(lambda b: draw(jax.random.fold_in(key, b), (rows, NOISE_BLOCK)))(first + jnp.arange(nblocks))
+    flat = jnp.moveaxis(blocks, 0, 1).reshape(rows, nblocks * NOISE_BLOCK)
+    return lax.dynamic_slice_in_dim(flat, start - first * NOISE_BLOCK, size, axis=1)
+
+
+def _random(honest, *, f, key, offset=0, low=0.0, high=1.0):
     """Uniform noise U[low, high) per coordinate (the paper's "random" attack: U[0, 1))."""
-    return jax.random.uniform(key, (f, honest.shape[1]), honest.dtype, low, high)
+    dt = honest.dtype
+    return coordinate_noise(key, lambda k, s: jax.random.uniform(k, s, dt, low, high), f, offset, honest.shape[1])
 
 
-def _gaussian(honest, *, f, key, scale=200.0):
+def _gaussian(honest, *, f, key, offset=0, scale=200.0):
     """Gaussian noise N(0, scale^2) per coordinate (ByzFL/Garfield's "gaussian")."""
-    return scale * jax.random.normal(key, (f, honest.shape[1]), honest.dtype)
+    dt = honest.dtype
+    return scale * coordinate_noise(key, lambda k, s: jax.random.normal(k, s, dt), f, offset, honest.shape[1])
 
 
-def _reverse(honest, *, f, key, factor=-10.0):
-    """factor * g_j of a random honest worker j per Byzantine row (the paper's "reversed", x -10)."""
+def _reverse(honest, *, f, key, offset=0, factor=-10.0):
+    """factor * g_j of a random honest worker j per Byzantine row (the paper's "reversed", x -10).
+    The rows j are drawn from ``key`` alone, so every coordinate slice picks the same workers."""
+    del offset
     idx = jax.random.randint(key, (f,), 0, honest.shape[0])
     return factor * honest[idx]
 
 
-def _signflip(honest, *, f, key):
+def _signflip(honest, *, f, key, offset=0):
     """-(honest mean): every Byzantine row sends the negated honest mean."""
-    del key
+    del key, offset
     return jnp.broadcast_to(-_mean(honest), (f, honest.shape[1]))
 
 
-def _collude(honest, *, f, key, scale=100.0):
+def _collude(honest, *, f, key, offset=0, scale=100.0):
     """All f rows send the same random vector N(0, scale^2 I): a colluding cluster."""
-    v = scale * jax.random.normal(key, (honest.shape[1],), honest.dtype)
+    dt = honest.dtype
+    v = scale * coordinate_noise(key, lambda k, s: jax.random.normal(k, s, dt), 1, offset, honest.shape[1])
     return jnp.broadcast_to(v, (f, honest.shape[1]))
 
 
-def _drop(honest, *, f, key, fraction=0.1):
+def _drop(honest, *, f, key, offset=0, fraction=0.1):
     """Coordinate drop: each Byzantine row is a random honest worker's gradient with a random
     ``fraction`` of its coordinates zeroed (the paper's "dropped coordinates" workers; the released
-    code's version of this attack is a no-op by a bug)."""
-    k1, k2 = jax.random.split(key)
-    idx = jax.random.randint(k1, (f,), 0, honest.shape[0])
-    keep = jax.random.uniform(k2, (f, honest.shape[1])) >= fraction
-    return jnp.where(keep, honest[idx], 0)
+    code's version of this attack is a no-op by a bug). Rows are chosen from ``key`` alone and the
+    mask is per global coordinate, so the attack is the same on any coordinate slicing."""
+    k_rows, k_mask = jax.random.split(key)
+    idx = jax.random.randint(k_rows, (f,), 0, honest.shape[0])
+    u = coordinate_noise(k_mask, lambda k, s: jax.random.uniform(k, s), f, offset, honest.shape[1])
+    return jnp.where(u >= fraction, honest[idx], 0)
 
 
 def alie_z(p: int, f: int) -> float:
@@ -131,38 +177,38 @@ def _std(honest):
     return m, jnp.sqrt(jnp.maximum(_mean(honest * honest) - m * m, 0))
 
 
-def _alie(honest, *, f, key, z=None):
+def _alie(honest, *, f, key, offset=0, z=None):
     """A little is enough (Baruch, Baruch, Goldberg, NeurIPS 2019): every Byzantine row is
     mu - z * sigma (coordinate-wise mean and standard deviation of the honest rows), with z from the
     normal quantile for p = h + f workers (see :func:`alie_z`) unless given."""
-    del key
+    del key, offset
     h = honest.shape[0]
     z = alie_z(h + f, f) if z is None else z
     m, sd = _std(honest)
     return jnp.broadcast_to(m - z * sd, (f, honest.shape[1]))
 
 
-def _ipm(honest, *, f, key, eps=0.1):
+def _ipm(honest, *, f, key, offset=0, eps=0.1):
     """Inner-product manipulation / fall of empires (Xie, Koyejo, Gupta, UAI 2019): -eps * mean."""
-    del key
+    del key, offset
     return jnp.broadcast_to(-eps * _mean(honest), (f, honest.shape[1]))
 
 
-def _mimic(honest, *, f, key, target=0):
+def _mimic(honest, *, f, key, offset=0, target=0):
     """Mimic (Karimireddy, He, Jaggi, ICLR 2022): every Byzantine row copies honest worker ``target``."""
-    del key
+    del key, offset
     return jnp.broadcast_to(honest[target], (f, honest.shape[1]))
 
 
-def _inf(honest, *, f, key):
+def _inf(honest, *, f, key, offset=0):
     """Rows of +inf."""
-    del key
+    del key, offset
     return jnp.full((f, honest.shape[1]), jnp.inf, honest.dtype)
 
 
-def _nan(honest, *, f, key):
+def _nan(honest, *, f, key, offset=0):
     """Rows of NaN."""
-    del key
+    del key, offset
     return jnp.full((f, honest.shape[1]), jnp.nan, honest.dtype)
 
 
@@ -264,21 +310,22 @@ def _minsum(honest, *, f, key, perturbation="std", iters=40):
     return _min_max_sum(honest, f, perturbation, "minsum", iters)
 
 
-for _name, _fn in [
-    ("random", _random),
-    ("gaussian", _gaussian),
-    ("reverse", _reverse),
-    ("signflip", _signflip),
-    ("collude", _collude),
-    ("drop", _drop),
-    ("alie", _alie),
-    ("ipm", _ipm),
-    ("mimic", _mimic),
-    ("inf", _inf),
-    ("nan", _nan),
-    ("optimal_alie", _optimal_alie),
-    ("optimal_ipm", _optimal_ipm),
-    ("minmax", _minmax),
-    ("minsum", _minsum),
+# name, function, separable (runs on coordinate slices), needs_key
+for _name, _fn, _sep, _key in [
+    ("random", _random, True, True),
+    ("gaussian", _gaussian, True, True),
+    ("reverse", _reverse, True, True),
+    ("signflip", _signflip, True, False),
+    ("collude", _collude, True, True),
+    ("drop", _drop, True, True),
+    ("alie", _alie, True, False),
+    ("ipm", _ipm, True, False),
+    ("mimic", _mimic, True, False),
+    ("inf", _inf, True, False),
+    ("nan", _nan, True, False),
+    ("optimal_alie", _optimal_alie, False, False),
+    ("optimal_ipm", _optimal_ipm, False, False),
+    ("minmax", _minmax, False, False),
+    ("minsum", _minsum, False, False),
 ]:
-    register(Attack(_name, _fn))
+    register(Attack(_name, _fn, separable=_sep, needs_key=_key))

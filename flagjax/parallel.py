@@ -51,8 +51,7 @@ __all__ = [
     "resolve_layout",
     "build_step",
     "DATA_ATTACKS",
-    "SHARDED_RULES",
-    "SEPARABLE_ATTACKS",
+    "step_keys",
     "init_worker_momentum",
     "init_prev_aggregate",
     "uses_previous_center",
@@ -60,20 +59,14 @@ __all__ = [
 
 AXIS = "workers"
 DATA_ATTACKS = ("none", "lotka_volterra", "noise", "label_flip")
-SHARDED_RULES = ("mean", "normalized_mean", "flag", "median", "trimmed_mean", "meamed", "phocas")
-SEPARABLE_ATTACKS = (
-    "random",
-    "gaussian",
-    "reverse",
-    "signflip",
-    "drop",
-    "alie",
-    "ipm",
-    "mimic",
-    "inf",
-    "nan",
-    "collude",
-)
+KEY_NAMES = ("data", "attack", "rule", "drop")
+
+
+def step_keys(key: jax.Array) -> dict[str, jax.Array]:
+    """The step's keys by name: ``split(key, 4)`` into data (data-level attacks), attack, rule and drop
+    (stragglers). Every device of every layout gets the same four keys (docs/design.md, "Keys");
+    nothing else derives keys from small ``fold_in`` constants, so no two uses can collide."""
+    return dict(zip(KEY_NAMES, jax.random.split(key, len(KEY_NAMES)), strict=True))
 
 
 def make_mesh(num_devices: int | None = None) -> jax.sharding.Mesh:
@@ -167,9 +160,10 @@ def resolve_layout(cfg: StepConfig, num_devices: int) -> tuple[str, str]:
     rule, pre = aggregators.parse_spec(cfg.rule)
     if pre:
         return "server", f"pre-aggregators {pre} need whole rows"
-    if rule not in SHARDED_RULES:
-        return "server", f"rule {rule!r} needs whole rows (sharded supports {', '.join(SHARDED_RULES)})"
-    if cfg.attack not in DATA_ATTACKS and cfg.attack not in SEPARABLE_ATTACKS:
+    if not aggregators.get(rule).shardable:
+        ok = ", ".join(n for n in aggregators.names() if aggregators.get(n).shardable)
+        return "server", f"rule {rule!r} needs whole rows (sharded supports {ok})"
+    if cfg.attack not in DATA_ATTACKS and not attacks.get(cfg.attack).separable:
         return "server", f"attack {cfg.attack!r} needs whole rows"
     return "sharded", ""
 
@@ -232,7 +226,7 @@ def _drop_rows(cfg: StepConfig, stack, key):
     return jnp.where(missing[:, None], jnp.nan, stack)
 
 
-def _gradient_attack(cfg: StepConfig, stack, key, prev_agg=None):
+def _gradient_attack(cfg: StepConfig, stack, key, prev_agg=None, offset=0):
     if cfg.attack in DATA_ATTACKS or cfg.num_byzantine == 0:
         return stack
     f = cfg.num_byzantine
@@ -240,36 +234,27 @@ def _gradient_attack(cfg: StepConfig, stack, key, prev_agg=None):
     hp = dict(cfg.attack_hparams)
     if hp.get("rule_hparams"):  # an optimal attack simulates the rule, previous center included
         hp["rule_hparams"] = _with_previous_center(dict(hp["rule_hparams"]), prev_agg)
-    byz = attacks.attack(cfg.attack, honest, f=f, key=key, **hp)
+    byz = attacks.attack(cfg.attack, honest, f=f, key=key, offset=offset, **hp)
     return jnp.concatenate([honest, byz.astype(stack.dtype)])
 
 
 def _sharded_aggregate(cfg: StepConfig, slices, key):
-    """Aggregate a (p, D/n) slice of every worker's gradient; collectives over ``workers``."""
-    rule, _ = aggregators.parse_spec(cfg.rule)
+    """Aggregate a (p, D/n) slice of every worker's gradient; collectives over ``workers``.
+
+    A ``coordinatewise`` rule runs on the slice as is; a rule with a ``gram`` form gets the psum of
+    the partial Gram matrices and its coefficients are applied to the slice (Rule docstring)."""
+    rule_name, _ = aggregators.parse_spec(cfg.rule)
+    rule = aggregators.get(rule_name)
     hp = dict(cfg.rule_hparams)
     f = cfg.num_byzantine
-    if rule == "mean":
-        return aggregators.mean(slices), {}
     finite = lax.pmin(jnp.all(jnp.isfinite(slices), axis=1).astype(jnp.int32), AXIS) > 0
-    if rule == "flag":
-        p = slices.shape[0]
-        clean = jnp.where(finite[:, None], slices, 0).astype(jnp.promote_types(slices.dtype, jnp.float32))
-        raw = lax.psum(solver.gram_matrix(clean), AXIS)
-        info = solver.gram_info_from_raw(raw, ok=finite)
-        r = hp.pop("r", None) or aggregators.default_rank(p)
-        q, fi = aggregators.flag_coefficients(info, r=r, **hp)
-        c = jnp.where(info.valid, q / info.work_norms, 0)
-        return jnp.dot(c.astype(clean.dtype), clean, precision=lax.Precision.HIGHEST), {
-            "ratios": fi.ratios,
-            "status": fi.status,
-        }
     clean = jnp.where(finite[:, None], slices, 0)
-    if rule == "normalized_mean":
-        norms = jnp.sqrt(lax.psum(jnp.einsum("pd,pd->p", clean, clean), AXIS))
-        w = aggregators.basic.normalized_mean_weights(norms, output=hp.get("output", "code"), r=hp.get("r"))
-        return jnp.dot(w.astype(clean.dtype), clean), {}
-    return aggregators.get(rule).fn(clean, f=f, key=key, **hp), {}
+    if rule.gram is not None and not rule.coordinatewise:
+        clean = clean.astype(jnp.promote_types(slices.dtype, jnp.float32))
+        raw = lax.psum(solver.gram_matrix(clean), AXIS)
+        c, info = rule.gram(raw, finite, f=f, key=key, **hp)
+        return jnp.dot(c.astype(clean.dtype), clean, precision=lax.Precision.HIGHEST), info
+    return rule.fn(clean if rule.sanitize else slices, f=f, key=key, **hp), {}
 
 
 def _server_aggregate(cfg: StepConfig, stack, key, prev_agg=None):
@@ -338,7 +323,7 @@ def build_step(
         """Per-device body part: this device's pl workers -> their (pl, D) rows."""
         device = lax.axis_index(AXIS) if device is None else device
         widx = device * pl + jnp.arange(pl)
-        x, y = _data_attack(cfg, x, y, widx, jax.random.fold_in(key, 1))
+        x, y = _data_attack(cfg, x, y, widx, step_keys(key)["data"])
         (loss, (new_stats, acc)), g = jax.vmap(grad_fn, in_axes=(None, None, 0, 0))(params, stats, x, y)
         rows = jax.vmap(lambda t: ravel_pytree(t)[0])(g)
         if beta > 0:
@@ -353,9 +338,10 @@ def build_step(
         rows, loss, acc, new_stats, mom = worker_rows(params, stats, mom, x, y, key)
         rows = jnp.pad(rows, ((0, 0), (0, n * Ds - D)))
         slices = lax.all_to_all(rows, AXIS, split_axis=1, concat_axis=0, tiled=True)  # (p, Ds)
-        slices = _gradient_attack(cfg, slices, jax.random.fold_in(key, 2 + lax.axis_index(AXIS)))
-        slices = _drop_rows(cfg, slices, jax.random.fold_in(key, 4))  # same mask on every device
-        agg_slice, info = _sharded_aggregate(cfg, slices, jax.random.fold_in(key, 3))
+        keys = step_keys(key)  # the same keys on every device
+        slices = _gradient_attack(cfg, slices, keys["attack"], offset=lax.axis_index(AXIS) * Ds)
+        slices = _drop_rows(cfg, slices, keys["drop"])  # same mask on every device
+        agg_slice, info = _sharded_aggregate(cfg, slices, keys["rule"])
         agg = lax.all_gather(agg_slice, AXIS, tiled=True)[:D]
         return agg, loss, acc, new_stats, mom, info
 
@@ -396,9 +382,10 @@ def build_step(
             rows, loss, acc, stats_w, mom = mapped(state.params, state.batch_stats, state.worker_mom, x, y, key)
             # gather to the server(s) (a no-op on one device, skipped so the step can be vmapped)
             stack = rows if n == 1 else lax.with_sharding_constraint(rows, replicated)
-            stack = _gradient_attack(cfg, stack, jax.random.fold_in(key, 2), state.prev_agg)
-            stack = _drop_rows(cfg, stack, jax.random.fold_in(key, 4))
-            agg, info = _server_aggregate(scfg, stack, jax.random.fold_in(key, 3), state.prev_agg)
+            keys = step_keys(key)
+            stack = _gradient_attack(cfg, stack, keys["attack"], state.prev_agg)
+            stack = _drop_rows(cfg, stack, keys["drop"])
+            agg, info = _server_aggregate(scfg, stack, keys["rule"], state.prev_agg)
         else:
             agg, loss, acc, stats_w, mom, info = mapped(state.params, state.batch_stats, state.worker_mom, x, y, key)
         stats = jax.tree.map(lambda s: jnp.mean(s, axis=0), stats_w)

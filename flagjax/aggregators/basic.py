@@ -29,7 +29,7 @@ def mean(stack: jax.Array, *, f: int = 0, key=None) -> jax.Array:
     return jnp.dot(w, stack, precision=lax.Precision.HIGHEST)
 
 
-register(Rule("mean", mean, sanitize=False))
+register(Rule("mean", mean, sanitize=False, coordinatewise=True))
 
 
 # --------------------------------------------------------------------------------------------- flag
@@ -151,7 +151,19 @@ def flag(stack: jax.Array, **kwargs) -> jax.Array:
     return flag_with_info(stack, **kwargs)[0]
 
 
-register(Rule("flag", flag, sanitize=False))
+def flag_gram(raw: jax.Array, ok: jax.Array, *, f: int = 0, key=None, r: int | None = None, **hparams):
+    """FA's Gram-space form (:class:`flagjax.aggregators.Rule` ``gram``): raw (p, p) Gram matrix of
+    the rows (non-finite rows zeroed; ``ok`` (p,) marks the finite ones) -> ((p,) c, info) with
+    aggregate = sum_i c_i g_i. Same hyperparameters as :func:`flag_with_info`."""
+    del f, key
+    info = solver.gram_info_from_raw(raw, ok=ok)
+    r = r or default_rank(raw.shape[0])
+    q, fi = flag_coefficients(info, r=r, **hparams)
+    c = jnp.where(info.valid, q / info.work_norms, 0)
+    return c, {"ratios": fi.ratios, "status": fi.status}
+
+
+register(Rule("flag", flag, sanitize=False, gram=flag_gram))
 
 
 # ---------------------------------------------------------------------------------- normalized_mean
@@ -194,4 +206,12 @@ def normalized_mean_weights(norms: jax.Array, *, output: str = "code", r: int | 
     return inv * jnp.median(norms) / jnp.maximum(jnp.sum(valid), 1)
 
 
-register(Rule("normalized_mean", normalized_mean, sanitize=False))
+def normalized_mean_gram(raw: jax.Array, ok: jax.Array, *, f: int = 0, key=None, output="code", r=None):
+    """normalized_mean's Gram-space form: weights from the norms sqrt(diag(raw)) (rows not ``ok``
+    get weight 0). See :func:`normalized_mean`."""
+    del f, key
+    norms = jnp.where(ok, jnp.sqrt(jnp.maximum(jnp.diagonal(raw), 0)), 0)
+    return normalized_mean_weights(norms, output=output, r=r), {}
+
+
+register(Rule("normalized_mean", normalized_mean, sanitize=False, gram=normalized_mean_gram))

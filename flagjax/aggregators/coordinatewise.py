@@ -132,7 +132,7 @@ def phocas(stack: jax.Array, *, f: int, key=None) -> jax.Array:
 
 
 _HALF = "p > 2f"
-register(Rule("median", median, _check_2f, _HALF))
-register(Rule("trimmed_mean", trimmed_mean, _check_2f, _HALF))
-register(Rule("meamed", meamed, _check_2f, _HALF))
-register(Rule("phocas", phocas, _check_2f, _HALF))
+register(Rule("median", median, _check_2f, _HALF, coordinatewise=True))
+register(Rule("trimmed_mean", trimmed_mean, _check_2f, _HALF, coordinatewise=True))
+register(Rule("meamed", meamed, _check_2f, _HALF, coordinatewise=True))
+register(Rule("phocas", phocas, _check_2f, _HALF, coordinatewise=True))

@@ -51,6 +51,16 @@ class Rule:
       sanitize: replace non-finite rows by zero rows before ``fn`` (robust rules: a NaN/Inf row is
         Byzantine input, and a zero row is a bounded stand-in for it). ``mean`` and ``flag`` (which
         drops such rows itself) do not.
+      coordinatewise: ``fn`` on a column slice of the stack gives that slice of the aggregate (the
+        sharded training layout runs it on each device's slice as is).
+      gram: optional Gram-space form of the rule, ``gram(raw, ok, *, f, key, **hp) -> (c (p,), info)``
+        with ``raw`` (p, p) the Gram matrix of the rows (non-finite rows zeroed, ``ok`` (p,) bool
+        marks the finite ones) and the aggregate ``sum_i c_i g_i``. The sharded layout psums partial
+        Gram matrices, calls it, and applies ``c`` to its slice (docs/design.md section 3).
+      needs_key: whether the output depends on ``key`` (randomised rules).
+
+    The sharded layout can run a rule when it is ``coordinatewise`` or has a ``gram`` form; the
+    capability lives here, not in a list of names elsewhere.
     """
 
     name: str
@@ -58,6 +68,18 @@ class Rule:
     max_f: Callable[[int], int] = _any_f
     requirement: str = "0 <= f < p"
     sanitize: bool = True
+    coordinatewise: bool = False
+    gram: Callable[..., tuple[jax.Array, dict]] | None = None
+    needs_key: bool = False
+
+    def check_f(self, f, p: int) -> None:
+        """Raise ``ValueError`` unless ``0 <= f <= max_f(p)`` (the one place the limit is checked)."""
+        _check_f(f, p, f"rule {self.name!r}", self.max_f(p), self.requirement)
+
+    @property
+    def shardable(self) -> bool:
+        """Whether the sharded layout can run the rule on coordinate slices."""
+        return self.coordinatewise or self.gram is not None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -229,7 +251,7 @@ def aggregate(
     for i, (pa, hp) in enumerate(pres):
         _check_f(f, stack.shape[0], f"pre-aggregator {pa.name!r}", pa.max_f(stack.shape[0]), pa.requirement)
         stack = pa.fn(sanitize_rows(stack), f=int(f), key=jax.random.fold_in(key, i + 1), **hp)
-    _check_f(f, stack.shape[0], f"rule {rule.name!r}", rule.max_f(stack.shape[0]), rule.requirement)
+    rule.check_f(f, stack.shape[0])
     if rule.sanitize:
         stack = sanitize_rows(stack)
     return unflatten(rule.fn(stack, f=int(f), key=key, **hparams))

@@ -159,5 +159,5 @@ def signguard(stack, *, f: int = 0, key, low=0.1, high=3.0, coord_frac=0.1, band
 _half = lambda p: (p - 1) // 2
 register(Rule("caf", caf, _half, "p > 2f", sanitize=False))
 register(Rule("smea", smea, _half, "p > 2f", sanitize=False))
-register(Rule("dnc", dnc, _half, "p > 2f"))
-register(Rule("signguard", signguard, _half, "p > 2f"))
+register(Rule("dnc", dnc, _half, "p > 2f", needs_key=True))
+register(Rule("signguard", signguard, _half, "p > 2f", needs_key=True))
