@@ -78,7 +78,7 @@ def time_interleaved(setups: dict, steps: int) -> dict[str, float]:
         for k, su in setups.items():
             x, y = su.batch(s)
             t0 = time.perf_counter()
-            states[k], m = su.step_fn(states[k], x, y)
+            states[k], m = su.step(states[k], x, y)
             jax.block_until_ready(m)
             if s >= 2:
                 times[k].append(time.perf_counter() - t0)
@@ -147,7 +147,7 @@ def main(argv=None):
                 )
                 su = sus[layout] = train.setup(cfg, ds)
                 x, y = su.batch(0)
-                hlo = su.step_fn.lower(su.state, x, y).compile().as_text()
+                hlo = su.step_fn.lower(su.state, x, y, su.hparams).compile().as_text()
                 hlo_bytes[layout] = sum(collective_bytes(hlo, 8).values())
             ms = time_interleaved(sus, steps)
             ts, th = ms["server"], ms["sharded"]

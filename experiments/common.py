@@ -1,6 +1,10 @@
-"""Shared machinery of the experiment scripts: run a grid of (setting, rule, seed) training runs, keep
-each run's JSON-lines log, and write a markdown table (mean ± std over seeds) and a plot, both headed
-by the exact command that produced them. Scripts in this folder only declare their grids.
+"""Shared machinery of the experiment scripts: run a grid of (setting, rule, seed) training runs — each
+cell's seeds (and a script's grid) trained as ONE compiled program by ``flagjax.train.train_and_evaluate``
+—, keep every run's JSON-lines log in the experiment's compact store (``<out>/runs.jsonl.gz``, one
+line per run: its config, device, time and metrics history), and write a markdown table (mean ± std
+over seeds) and a plot, both headed by the exact command that produced them. Scripts in this folder
+only declare their grids. A run already in the store is never trained again: re-running a script
+rebuilds its report from the store.
 
 Every script takes ``--quick`` (synthetic data, a few steps: what CI runs), ``--paper`` (the paper's
 CIFAR-10 / ResNet-18 setting from ``configs/cifar10_resnet18.py``), ``--seeds N``,
@@ -11,9 +15,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import gzip
+import io
 import json
 import shlex
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -113,56 +120,125 @@ def select(args, attr: str, labels: Sequence[str]) -> list[str]:
     return [k for k in known if k in wanted]
 
 
-def run_cells(args, cells: Sequence[Cell], base: train.TrainConfig, *, progress=True) -> list[dict]:
-    """Run every cell for seeds 0..N-1 (skipping runs whose log is complete); return one record per run."""
+class RunStore:
+    """An experiment's runs in one compressed JSON-lines file (``<out>/runs.jsonl.gz``).
+
+    Each line is ``{"id": ..., ...}``: a training run (``meta``: config, layout, seconds, device, runs
+    in its program; ``history``: its metrics lines) or a cached result (``json``). Lines are sorted by
+    id and the gzip header carries no time stamp, so the same runs give the same bytes."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self._rows: dict[str, dict] = {}
+        if self.path.exists():
+            with gzip.open(self.path, "rt", encoding="utf-8") as fh:
+                for line in fh:
+                    if line.strip():
+                        row = json.loads(line)
+                        self._rows[row["id"]] = row
+
+    def __contains__(self, run_id: str) -> bool:
+        return run_id in self._rows
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def ids(self) -> list[str]:
+        return sorted(self._rows)
+
+    def get(self, run_id: str) -> dict | None:
+        return self._rows.get(run_id)
+
+    def put(self, run_id: str, row: dict, *, save: bool = True) -> None:
+        self._rows[run_id] = {"id": run_id, **row}
+        if save:
+            self.save()
+
+    def save(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        text = "".join(json.dumps(self._rows[k], sort_keys=True) + "\n" for k in sorted(self._rows))
+        buf = io.BytesIO()
+        with gzip.GzipFile(fileobj=buf, mode="wb", mtime=0, filename="") as gz:
+            gz.write(text.encode("utf-8"))
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_bytes(buf.getvalue())
+        tmp.replace(self.path)
+
+    def cached(self, run_id: str, compute: Callable[[], object]):
+        """``compute()``'s JSON-able result, stored under ``run_id`` on first call, read back afterwards."""
+        if run_id not in self._rows:
+            self.put(run_id, {"json": compute()})
+        return self._rows[run_id]["json"]
+
+
+def store(args) -> RunStore:
+    """The experiment's :class:`RunStore` (``<out>/runs.jsonl.gz``)."""
+    return RunStore(args.out / "runs.jsonl.gz")
+
+
+def _record(row: str, col: str, seed: int, hist: list[dict], device: str | None, **extra) -> dict:
+    fin = hist[-1]
+    return {
+        "row": row,
+        "col": col,
+        "seed": seed,
+        "test_accuracy": fin.get("test_accuracy"),
+        "val_accuracy": fin.get("val_accuracy"),
+        "loss": fin["loss"],
+        "wall_time": fin["wall_time"],
+        "steps": fin["step"],
+        "device": device or UNRECORDED_DEVICE,
+        "history": hist,
+        **extra,
+    }
+
+
+def train_batch(cfg: train.TrainConfig) -> tuple[list[train.RunResult], dict]:
+    """Train every run of ``cfg`` (batch axes as ``train.Values``) as one program in a scratch folder;
+    return the results and the metadata every run shares (layout, seconds, device, runs in program)."""
+    with tempfile.TemporaryDirectory(prefix="flagjax-exp-") as tmp:
+        t0 = time.time()
+        results = train.train_and_evaluate(cfg, tmp)
+        seconds = time.time() - t0
+    meta = {"layout": results[0].layout, "seconds": seconds, "device": device_name(), "runs_in_program": len(results)}
+    return results, meta
+
+
+def run_cells(args, cells: Sequence[Cell], base: train.TrainConfig, *, progress=True, batch=True) -> list[dict]:
+    """Run every cell for seeds 0..N-1 (runs already in the store are read back); return one record per run.
+
+    With ``batch`` (the default) a cell's missing seeds train as one program; ``batch=False`` trains
+    them one program each (for scripts that report time per step, which a batch would share)."""
     from tqdm import tqdm
 
-    records = []
     for attr in ("row", "col"):
         chosen = set(select(args, attr, [getattr(c, attr) for c in cells]))
         cells = [c for c in cells if getattr(c, attr) in chosen]
-    if args.quick:  # smoke run: the first and the last cell (each run compiles its own training step)
+    if args.quick:  # smoke run: the first and the last cell (each cell compiles its own training step)
         cells = list(cells)
         cells = cells[:1] + cells[1:][-1:]
-    jobs = [(c, s) for c in cells for s in range(args.seeds)]
-    bar = tqdm(jobs, desc=args.name, unit="run", file=sys.stderr, disable=not progress)
-    for cell, seed in bar:
-        bar.set_postfix_str(f"{cell.row} | {cell.col} | seed {seed}")
-        out = args.out / "runs" / _slug(f"{cell.row}__{cell.col}__s{seed}")
+    runs = store(args)
+    records = []
+    bar = tqdm(cells, desc=args.name, unit="cell", file=sys.stderr, disable=not progress)
+    for cell in bar:
+        bar.set_postfix_str(f"{cell.row} | {cell.col}")
+        ids = {seed: _slug(f"{cell.row}__{cell.col}__s{seed}") for seed in range(args.seeds)}
+        missing = [seed for seed, run_id in ids.items() if run_id not in runs]
         cfg = train.apply_overrides(base, [])
         for k, v in cell.overrides.items():
             setattr(cfg, k, v)
-        cfg.seed = seed
-        cfg.out_dir = str(out)
-        metrics = out / "metrics.jsonl"
-        hist, device = None, None
-        if metrics.exists():
-            hist = [json.loads(x) for x in metrics.read_text().splitlines() if x.strip()]
-            if not hist or hist[-1]["step"] != cfg.steps:
-                hist = None
-        if hist is None:
-            t0 = time.time()
-            res = train.run(cfg)
-            hist, device = res.history, device_name()
-            meta = {"config": dataclasses.asdict(cfg), "layout": res.layout, "seconds": time.time() - t0}
-            (out / "run.json").write_text(json.dumps({**meta, "device": device}))
-        elif (out / "run.json").exists():
-            device = json.loads((out / "run.json").read_text()).get("device")
-        fin = hist[-1]
-        records.append(
-            {
-                "row": cell.row,
-                "col": cell.col,
-                "seed": seed,
-                "test_accuracy": fin.get("test_accuracy"),
-                "val_accuracy": fin.get("val_accuracy"),
-                "loss": fin["loss"],
-                "wall_time": fin["wall_time"],
-                "steps": fin["step"],
-                "device": device or UNRECORDED_DEVICE,
-                "history": hist,
-            }
-        )
+        for group in [missing] if batch else [[s] for s in missing]:
+            if not group:
+                continue
+            cfg.seed = train.Values(group) if len(group) > 1 else group[0]
+            results, meta = train_batch(cfg)
+            for res in results:
+                run_meta = {**meta, "config": dataclasses.asdict(res.config)}
+                runs.put(ids[res.config.seed], {"meta": run_meta, "history": res.history}, save=False)
+            runs.save()
+        for seed, run_id in ids.items():
+            row = runs.get(run_id)
+            records.append(_record(cell.row, cell.col, seed, row["history"], row["meta"].get("device")))
     return records
 
 
@@ -178,17 +254,6 @@ def device_name() -> str:
 
     devs = jax.devices()
     return f"{jax.default_backend()}: {devs[0].device_kind} x {len(devs)}, {os.cpu_count()} host cores"
-
-
-def cached_json(path: Path, compute: Callable[[], object]):
-    """``compute()``'s JSON-able result, stored at ``path`` on first call and read back afterwards (the
-    vmapped programs' counterpart of run_cells' per-run logs: re-running a script rebuilds its report)."""
-    if path.exists():
-        return json.loads(path.read_text())
-    result = compute()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result))
-    return result
 
 
 def command(args) -> str:
@@ -289,84 +354,26 @@ def plot_curves(args, records: list[dict], path_name: str, *, group: Callable[[d
     return save_figure(args, fig, path_name)
 
 
-def vmapped_runs(base: train.TrainConfig, grid: Sequence[dict], *, label: Callable[[dict], str]) -> list[dict]:
-    """Train one model per ``grid`` entry (keys: ``seed``, optional ``lr`` and ``lam``) as ONE compiled
-    program: the training step is vmapped over (state, lam); the learning rate lives in the optimiser
-    state (``optax.inject_hyperparams``, constant: the short CPU runs end before the first step decay).
-    All models see the same mini-batches; seeds change the initialisation and the attack's randomness.
-    Evaluation (test, and validation when ``val_fraction > 0``) every ``eval_every`` steps."""
-    import jax
-    import jax.numpy as jnp
-    import optax
-
-    from flagjax import parallel
-
-    cfg = dataclasses.replace(base, layout="server", num_devices=1)
-    su = train.setup(cfg)
-    tx = optax.chain(
-        optax.add_decayed_weights(cfg.weight_decay),
-        optax.inject_hyperparams(optax.sgd)(learning_rate=cfg.lr, momentum=cfg.momentum or None),
-    )
-    dyn = ("lam",) if any("lam" in g for g in grid) else ()
-    raw_step, _, _ = parallel.build_step(
-        su.model,
-        tx,
-        su.step_config,
-        su.mesh,
-        su.state.params,
-        dynamic_hparams=dyn,
-        jit=False,
-    )
-    states = []
-    for g in grid:
-        st = train.setup(dataclasses.replace(cfg, seed=g["seed"]), su.dataset).state
-        opt = tx.init(jax.device_get(st.params))
-        opt[1].hyperparams["learning_rate"] = jnp.asarray(g.get("lr", cfg.lr), jnp.float32)
-        states.append(st._replace(opt_state=opt))
-    # host (uncommitted) arrays: JAX 0.10's conv batching rule refuses mesh-committed operands
-    state = jax.tree.map(lambda *a: np.stack([np.asarray(jax.device_get(v)) for v in a]), *states)
-    hp = {"lam": jnp.asarray([g.get("lam", 0.0) for g in grid], jnp.float32)}
-    step = jax.jit(jax.vmap(lambda st, x, y, h: raw_step(st, x, y, h), in_axes=(0, None, None, 0)))
-    honest = cfg.num_workers - cfg.num_byzantine
-    hist: list[list[dict]] = [[] for _ in grid]
-    t0 = time.perf_counter()
-    for k in range(cfg.steps):
-        idx = su.sampler.indices(k)
-        state, m = step(state, su.train_x[idx], su.train_y[idx], hp)
-        m = jax.device_get(m)
-        done = k + 1
-        if done % cfg.eval_every == 0 or done == cfg.steps:
-            params, stats = jax.device_get((state.params, state.batch_stats))
-            for i in range(len(grid)):
-                p_i = jax.tree.map(lambda a, i=i: a[i], params)
-                s_i = jax.tree.map(lambda a, i=i: a[i], stats)
-                rec = {
-                    "step": done,
-                    "loss": float(np.mean(m["loss"][i][:honest])),
-                    "wall_time": time.perf_counter() - t0,
-                }
-                rec["test_loss"], rec["test_accuracy"] = train._evaluate(
-                    su.model, p_i, s_i, su.dataset.test_x, su.dataset.test_y, cfg.eval_examples
-                )
-                if su.val_x is not None:
-                    rec["val_loss"], rec["val_accuracy"] = train._evaluate(su.model, p_i, s_i, su.val_x, su.val_y, 0)
-                hist[i].append(rec)
-    return [
-        {
-            "row": label(g),
-            "col": "accuracy",
-            "seed": g["seed"],
-            "test_accuracy": hist[i][-1]["test_accuracy"],
-            "val_accuracy": hist[i][-1].get("val_accuracy"),
-            "loss": hist[i][-1]["loss"],
-            "wall_time": hist[i][-1]["wall_time"],
-            "steps": cfg.steps,
-            "device": device_name(),
-            "history": hist[i],
-            **{k: v for k, v in g.items() if k != "seed"},
-        }
-        for i, g in enumerate(grid)
-    ]
+def batch_runs(base: train.TrainConfig, axes: dict[str, Sequence], *, label: Callable[[dict], str]) -> list[dict]:
+    """Train the product of ``axes`` as ONE program (``train.train_and_evaluate``) and return one record
+    per run. Keys of ``axes``: config fields that may take several values (``seed``, ``lr``, ...) and
+    ``lam`` (FA's λ, ``rule_hparams.lam``). Every run has its own data order, initialisation, keys and
+    evaluation (test, and validation when ``val_fraction > 0``), as if trained alone. ``label(g)`` names
+    a run from its values ``g`` (e.g. ``{"seed": 0, "lam": 1.0}``), which the record also carries."""
+    cfg = train.apply_overrides(base, [])
+    for key, values in axes.items():
+        if key == "lam":
+            cfg.rule_hparams["lam"] = train.Values(values)
+        else:
+            setattr(cfg, key, train.Values(values))
+    results, meta = train_batch(cfg)
+    recs = []
+    for res in results:
+        g = {k: (res.config.rule_hparams["lam"] if k == "lam" else getattr(res.config, k)) for k in axes}
+        extra = {k: v for k, v in g.items() if k != "seed"}
+        seed = g.get("seed", res.config.seed)
+        recs.append(_record(label(g), "accuracy", seed, res.history, meta["device"], **extra))
+    return recs
 
 
 def plot_bars(args, records: list[dict], path_name: str, *, title: str, value="test_accuracy", ylabel=None):

@@ -20,7 +20,7 @@ def main(argv=None):
         )
         for rule in ("normalized_mean", "mean", "multi_krum"):
             cells.append(common.Cell(rule, f"p={p}", {"rule": rule, "num_workers": p, "num_byzantine": f}))
-    recs = common.run_cells(args, cells, base)
+    recs = common.run_cells(args, cells, base, batch=False)  # time per step: one run per program
     for r in recs:  # median of the blocked step times logged every log_every steps (no compilation, no eval)
         r["ms_per_step"] = 1e3 * float(np.median([h["step_time"] for h in r["history"] if "step_time" in h]))
     title = "Fig. 8 — scalability (augmented-data workers)"

@@ -1,5 +1,5 @@
 """Controls (issue: fair comparison): every rule x attack cell on a learning-rate grid {lr/3, lr, 3 lr},
-the grid trained as ONE vmapped program per cell; per rule, the learning rate is chosen on a held-out
+the grid trained as ONE program per cell and seed (a batch of runs); per rule, the learning rate is chosen on a held-out
 validation split (10% of the training set) by its worst case over attacks (ByzFL's protocol), and the
 table reports test accuracy at that learning rate. The full grid is the appendix table."""
 
@@ -29,17 +29,19 @@ def main(argv=None):
         rules, attacks = rules[:2], attacks[:1]
     lrs = (base.lr / 3, base.lr, base.lr * 3)
     recs = []
+    runs = common.store(args)
     for rule in rules:
         for atk in attacks:
             cfg = common.train.apply_overrides(base, [f"rule={rule}", f"attack={atk}"])
             for seed in range(args.seeds):
-                # one program (the lr grid, vmapped) and one JSON file per (rule, attack, seed): an interrupted
-                # protocol resumes where it stopped, and more seeds add programs without redoing the first
-                grid = [{"seed": seed, "lr": lr} for lr in lrs]
-                cache = args.out / "runs" / common._slug(f"{rule}__{atk}__seed{seed}__steps{cfg.steps}.json")
-                cell = common.cached_json(
+                # one program (the lr grid as a batch) and one store entry per (rule, attack, seed): an
+                # interrupted protocol resumes where it stopped, and more seeds add programs without redoing the first
+                cache = common._slug(f"{rule}__{atk}__seed{seed}__steps{cfg.steps}.json")
+                cell = runs.cached(
                     cache,
-                    lambda cfg=cfg, grid=grid: common.vmapped_runs(cfg, grid, label=lambda g: f"lr={g['lr']:.4g}"),
+                    lambda cfg=cfg, seed=seed: common.batch_runs(
+                        cfg, {"seed": [seed], "lr": list(lrs)}, label=lambda g: f"lr={g['lr']:.4g}"
+                    ),
                 )
                 for r in cell:
                     r["rule"], r["attack"] = rule, atk

@@ -1,8 +1,10 @@
 """The ``flagjax`` command line.
 
 * ``flagjax demo``: aggregate synthetic gradients under attacks and print a table (seconds).
-* ``flagjax train [--config FILE] [field=value ...]``: one training run (metrics JSON lines, checkpoints,
-  plot). Multi-process: ``--coordinator HOST:PORT --num-processes N --process-id I`` (or the
+* ``flagjax train [--config FILE] [field=value ...]``: a training run (metrics JSON lines, checkpoints,
+  plot), or a batch of runs trained as one program when fields take several values
+  (``seed=0,1,2 lr=0.01,0.05``: the product, one folder per run under ``out_dir``). Overrides may
+  come before or after the flags. Multi-process: ``--coordinator HOST:PORT --num-processes N --process-id I`` (or the
   FLAGJAX_COORDINATOR / FLAGJAX_NUM_PROCESSES / FLAGJAX_PROCESS_ID environment variables).
 * ``flagjax compare [--rules flag,mean,multi_krum] [field=value ...]``: the main job; the same run with
   several rules, an accuracy table and a plot.
@@ -132,7 +134,7 @@ def _train(args) -> int:
     if not main:
         bar.disable = True
     try:
-        res = train.run(cfg, on_step=on_step)
+        results = train.train_and_evaluate(cfg, on_step=on_step)
     except Exception as err:  # noqa: BLE001
         if jax.process_count() == 1 or isinstance(err, (ValueError, KeyError, FileNotFoundError)):
             raise
@@ -146,14 +148,20 @@ def _train(args) -> int:
     finally:
         bar.close()
     if main:
-        if res.layout_note:
-            print(f"note: layout 'sharded' fell back to 'server': {res.layout_note}")
-        plot = train.plot_accuracy({cfg.rule: res.history}, f"{cfg.out_dir}/accuracy.png", cfg.rule)
-        fin = res.final
-        print(
-            f"{cfg.rule}: test accuracy {fin.get('test_accuracy', float('nan')):.4f} after {fin['step']} steps "
-            f"({fin['wall_time']:.1f} s); metrics {res.metrics_path}; plot {plot}"
-        )
+        if results[0].layout_note:
+            print(f"note: layout 'sharded' fell back to 'server': {results[0].layout_note}")
+        curves = {(f"{cfg.rule} {r.name}" if r.name else cfg.rule): r.history for r in results}
+        plot = train.plot_accuracy(curves, f"{cfg.out_dir}/accuracy.png", cfg.rule)
+        if len(results) > 1:
+            print(f"{len(results)} runs trained as one program:")
+        for res in results:
+            fin = res.final
+            label = f"{cfg.rule} {res.name}" if res.name else cfg.rule
+            print(
+                f"{label}: test accuracy {fin.get('test_accuracy', float('nan')):.4f} after {fin['step']} steps "
+                f"({fin['wall_time']:.1f} s); metrics {res.metrics_path}"
+            )
+        print(f"plot {plot}")
     return 0
 
 
@@ -243,7 +251,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    # field=value overrides may come before, between or after the flags: argparse takes the first run
+    # of positionals only, so the later ones come back as "unknown" and are appended here
+    args, extra = parser.parse_known_args(argv)
+    stray = [a for a in extra if a.startswith("-") or "=" not in a]
+    if stray or (extra and not hasattr(args, "overrides")):
+        parser.error(f"unrecognized arguments: {' '.join(stray or extra)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
     try:
         return args.func(args)
     except (ValueError, KeyError, FileNotFoundError) as err:

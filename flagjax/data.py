@@ -278,7 +278,7 @@ def lotka_volterra_map(height: int, width: int, t: float, *, substeps: int = 50)
     """Gather map (H*W,) int32 for the Lotka-Volterra flow of pixel coordinates at time ``t``.
 
     Pixel (row y, column x) is treated as the point (x, y) in pixel units with the LV field
-    dx/dt = a x - b x y, dy/dt = d x y - c y (a, b, c, d = 2/3, 4/3, 1, 1; DESIGN.md section 2). The
+    dx/dt = a x - b x y, dy/dt = d x y - c y (a, b, c, d = 2/3, 4/3, 1, 1; docs/design.md section 2). The
     output pixel at (x, y) takes the input pixel at the point that flows to (x, y) in time t (backward
     RK4 integration), rounded to the nearest pixel; points that leave the image read index H*W
     (callers pad with a zero pixel). The map depends only on coordinates, so one map per level is

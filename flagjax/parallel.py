@@ -7,7 +7,7 @@ Byzantine: either their gradient rows are replaced by an attack (which sees the 
 or, for data-level attacks (``lotka_volterra``, ``noise``, ``label_flip``), they compute honest
 gradients on transformed data ("augmented losses").
 
-Layouts (shared/DESIGN.md section 3):
+Layouts (docs/design.md section 3):
 
 * ``server``: the shard_map body only computes per-worker gradients (no collectives in the body); the
   (p, D) stack is gathered (an SPMD all-gather: every device acts as the parameter server on the same
@@ -19,7 +19,7 @@ Layouts (shared/DESIGN.md section 3):
   the aggregate slices are all-gathered. Per-device traffic is ~2 D (like an all-reduce), independent
   of p. Rules or attacks that need whole rows fall back to ``server`` (``resolve_layout`` says why).
 
-JAX traps handled here (shared/ENVIRONMENT.md): under ``check_vma=True`` ``jax.grad`` w.r.t. replicated
+JAX traps handled here (docs/jax_traps.md): under ``check_vma=True`` ``jax.grad`` w.r.t. replicated
 parameters returns the psum over the axis, so the body runs with ``check_vma=False`` and per-worker
 gradients are tested to be per worker; on CPU with many simulated devices the training loop blocks on
 every step (collectives in a body dispatched back-to-back can deadlock on 2 cores).
@@ -269,32 +269,43 @@ def _server_aggregate(cfg: StepConfig, stack, key, prev_agg=None):
     return aggregators.aggregate(cfg.rule, stack, f=cfg.num_byzantine, key=key, **hp), {}
 
 
+def _merged(static: tuple, traced: dict | None) -> tuple:
+    """Static hyperparameters with the run's traced values laid over them (as a sorted items tuple)."""
+    if not traced:
+        return static
+    merged = dict(static)
+    merged.update(traced)
+    return tuple(sorted(merged.items()))
+
+
 def build_step(
     model,
-    tx: optax.GradientTransformation,
+    make_tx: Callable[[dict], optax.GradientTransformation],
     cfg: StepConfig,
     mesh: jax.sharding.Mesh,
     params_template: Any,
     *,
-    dynamic_hparams: tuple[str, ...] = (),
     jit: bool = True,
 ) -> tuple[Callable, str, str]:
-    """Compile-ready ``step(state, x, y) -> (state, metrics)``.
+    """Compile-ready ``step(state, x, y, hp) -> (state, metrics)`` for ONE run; the training loop
+    ``jax.vmap``s it over a batch of runs (``flagjax.train.train_and_evaluate``).
 
-    With ``dynamic_hparams`` (e.g. ``("lam",)``) the step is ``step(state, x, y, hp)`` and ``hp[name]``
-    (traced) overrides the rule hyperparameter, so ``jax.vmap`` over ``(state, hp)`` trains a grid of
-    models in one program (``jit=False`` returns the raw function to vmap before jitting).
+    ``hp`` holds the run's values of everything that may differ between the runs of one program
+    without changing its shapes: ``hp["rule"]`` and ``hp["attack"]`` (dicts laid over
+    ``cfg.rule_hparams`` / ``cfg.attack_hparams``, traced) and ``hp["opt"]`` (passed to ``make_tx``).
 
     Args:
       model: a Flax Linen module called as ``model.apply(variables, x, train=True)``.
-      tx: the optax transformation applied to the aggregated gradient.
-      cfg: :class:`StepConfig`.
+      make_tx: ``make_tx(hp["opt"]) -> optax.GradientTransformation`` applied to the aggregate; its
+        state's structure must not depend on the values (``flagjax.train.make_optimizer``).
+      cfg: :class:`StepConfig` (static).
       mesh: from :func:`make_mesh`.
       params_template: a params pytree (for flattening).
+      jit: ``False`` returns the raw function (to ``vmap`` before jitting).
 
     ``x`` is (p, B, H, W, C) float32 and ``y`` (p, B) int32, both sharded along workers. Metrics:
     ``loss`` (p,), ``accuracy`` (p,) per worker's batch, ``agg_norm``, and for FA ``ratios`` (p,)
-    and ``status``. Returns (jitted step, layout used, fallback reason).
+    and ``status``. Returns (step, layout used, fallback reason).
     """
     n = mesh.shape[AXIS]
     _check(cfg, n)
@@ -331,24 +342,32 @@ def build_step(
             rows = mom
         return rows, loss, acc, new_stats, mom
 
+    def with_hp(hp):
+        return dataclasses.replace(
+            cfg,
+            rule_hparams=_merged(cfg.rule_hparams, hp.get("rule")),
+            attack_hparams=_merged(cfg.attack_hparams, hp.get("attack")),
+        )
+
     def body_server(params, stats, mom, x, y, key):
         return worker_rows(params, stats, mom, x, y, key)
 
-    def body_sharded(params, stats, mom, x, y, key):
+    def body_sharded(params, stats, mom, x, y, key, hp):
+        scfg = with_hp(hp)
         rows, loss, acc, new_stats, mom = worker_rows(params, stats, mom, x, y, key)
         rows = jnp.pad(rows, ((0, 0), (0, n * Ds - D)))
         slices = lax.all_to_all(rows, AXIS, split_axis=1, concat_axis=0, tiled=True)  # (p, Ds)
         keys = step_keys(key)  # the same keys on every device
-        slices = _gradient_attack(cfg, slices, keys["attack"], offset=lax.axis_index(AXIS) * Ds)
+        slices = _gradient_attack(scfg, slices, keys["attack"], offset=lax.axis_index(AXIS) * Ds)
         slices = _drop_rows(cfg, slices, keys["drop"])  # same mask on every device
-        agg_slice, info = _sharded_aggregate(cfg, slices, keys["rule"])
+        agg_slice, info = _sharded_aggregate(scfg, slices, keys["rule"])
         agg = lax.all_gather(agg_slice, AXIS, tiled=True)[:D]
         return agg, loss, acc, new_stats, mom, info
 
     rep = P()
     wk = P(AXIS)
     if layout == "server" and n == 1:
-        # one device: no shard_map needed (and vmap over the whole step, as the lambda sweep does, works)
+        # one device: no shard_map needed
         def mapped(params, stats, mom, x, y, key):
             return worker_rows(params, stats, mom, x, y, key, device=0)
 
@@ -364,33 +383,31 @@ def build_step(
         mapped = jax.shard_map(
             body_sharded,
             mesh=mesh,
-            in_specs=(rep, rep, wk, wk, wk, rep),
+            in_specs=(rep, rep, wk, wk, wk, rep, rep),
             out_specs=(rep, wk, wk, wk, wk, rep),
             check_vma=False,
         )
 
     replicated = NamedSharding(mesh, rep)
 
-    def step(state: TrainState, x, y, hp=None):
+    def step(state: TrainState, x, y, hp):
         key = jax.random.fold_in(jax.random.wrap_key_data(state.key), state.step)
-        scfg = cfg
-        if dynamic_hparams:
-            merged = dict(cfg.rule_hparams)
-            merged.update({k: hp[k] for k in dynamic_hparams})
-            scfg = dataclasses.replace(cfg, rule_hparams=tuple(merged.items()))
+        scfg = with_hp(hp)
         if layout == "server":
             rows, loss, acc, stats_w, mom = mapped(state.params, state.batch_stats, state.worker_mom, x, y, key)
-            # gather to the server(s) (a no-op on one device, skipped so the step can be vmapped)
+            # gather to the server(s) (a no-op on one device)
             stack = rows if n == 1 else lax.with_sharding_constraint(rows, replicated)
             keys = step_keys(key)
-            stack = _gradient_attack(cfg, stack, keys["attack"], state.prev_agg)
+            stack = _gradient_attack(scfg, stack, keys["attack"], state.prev_agg)
             stack = _drop_rows(cfg, stack, keys["drop"])
             agg, info = _server_aggregate(scfg, stack, keys["rule"], state.prev_agg)
         else:
-            agg, loss, acc, stats_w, mom, info = mapped(state.params, state.batch_stats, state.worker_mom, x, y, key)
+            agg, loss, acc, stats_w, mom, info = mapped(
+                state.params, state.batch_stats, state.worker_mom, x, y, key, hp
+            )
         stats = jax.tree.map(lambda s: jnp.mean(s, axis=0), stats_w)
         grads = unravel(agg.astype(jnp.float32))
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        updates, opt_state = make_tx(hp.get("opt", {})).update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         prev = agg.astype(jnp.float32) if uses_previous_center(cfg) else state.prev_agg
         new = TrainState(state.step + 1, params, stats, opt_state, mom, state.key, prev)
@@ -402,8 +419,6 @@ def build_step(
 
     if uses_previous_center(cfg) and layout != "server":
         raise ValueError("center='previous' needs layout='server'")
-    if dynamic_hparams and layout != "server":
-        raise ValueError("dynamic_hparams need layout='server'")
     if not jit:
         return step, layout, why
     return jax.jit(step, donate_argnums=(0,)), layout, why

@@ -15,7 +15,7 @@ def byzfl_module(name: str = "aggregators"):
 
     byzfl's package ``__init__`` imports torchvision, which cannot load next to the CPU torch wheel
     used here; its ``aggregators`` and ``attacks`` modules do not need it. A bare package module with
-    the right ``__path__`` is put into ``sys.modules`` first (shared/ENVIRONMENT.md).
+    the right ``__path__`` is put into ``sys.modules`` first (docs/jax_traps.md).
     """
     if "byzfl" not in sys.modules or not hasattr(sys.modules["byzfl"], "__path__"):
         spec = importlib.util.find_spec("byzfl")

@@ -19,7 +19,7 @@ step, so A is non-increasing along the iterates (up to eps).
 Everything depends on X only through the p x p Gram matrix K = X^T X: M_t = X W_t X^T with
 W_t = diag(a) + Laplacian(2 b_ij / ||d_ij||^2) (p x p, PSD). With W = F F^T and the top-r
 eigenpairs (mu, U) of S = F^T K F, Y = X C with C = F U diag(mu^-1/2) (p x r). One O(d p^2) Gram
-product, then every IRLS step costs O(p^3), independent of d (shared/DESIGN.md section 1.1).
+product, then every IRLS step costs O(p^3), independent of d (docs/design.md section 1.1).
 """
 
 from __future__ import annotations
@@ -152,7 +152,7 @@ def gram_matrix(points: jax.Array) -> jax.Array:
 
 
 def prepare_gram(points: jax.Array) -> GramInfo:
-    """Unit-direction Gram matrix, norms and validity of a (p, d) stack (DESIGN.md section 1.1).
+    """Unit-direction Gram matrix, norms and validity of a (p, d) stack (docs/design.md section 1.1).
 
     Fast path: one Gram product of the raw rows, K_ij = <g_i, g_j> / (||g_i|| ||g_j||). If any
     diagonal entry is non-finite or not a normal positive number (NaN/Inf rows, zero rows,

@@ -1,12 +1,20 @@
 """The training loop: configuration, data, model, the sharded step, evaluation, metrics (JSON lines),
 orbax checkpoints with exact resume, and a plot. The CLI (``flagjax train``) drives it; this module
 never prints — progress goes through the ``on_step`` / ``on_eval`` callbacks.
+
+One entry point, :func:`train_and_evaluate`, trains a **batch of runs as one compiled program**: a
+config whose batchable fields hold several values (``seed=0,1,2``, ``lr=0.01,0.05``,
+``rule_hparams.lam=0,1``) is the product of those values, and the step is ``jax.vmap``-ed over the
+runs. Each run keeps its own data split and order, initialisation, keys and evaluation, writes its own
+``<out_dir>/<field>_<value>[__...]/metrics.jsonl`` and gives the numbers it gives trained alone (float
+tolerance). :func:`run` is the batch of one.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import json
 import math
 import os
@@ -26,6 +34,12 @@ from jax.sharding import PartitionSpec as P
 from flagjax import data, models, parallel
 
 __all__ = [
+    "BATCHABLE",
+    "Values",
+    "batch_axes",
+    "expand",
+    "train_and_evaluate",
+    "enable_compilation_cache",
     "TrainConfig",
     "ConfigError",
     "apply_overrides",
@@ -42,6 +56,22 @@ __all__ = [
 
 class ConfigError(ValueError):
     """An invalid configuration value (the message names the field and the allowed values)."""
+
+
+class Values(tuple):
+    """Several values of one config field: a batch axis of :func:`train_and_evaluate`.
+
+    ``seed=0,1,2`` on the command line gives ``Values((0, 1, 2))``. In a config file, a list or
+    tuple for a scalar field is an axis too (``seed=[0, 1, 2]``); inside ``rule_hparams`` /
+    ``attack_hparams`` only ``Values`` is (a plain list there is one value, e.g. an attack's
+    ``factors``)."""
+
+
+# Fields that may take several values in one program (they change no shape or structure). Rule and
+# attack hyperparameters may too, as long as the rule/attack uses them as traced numbers (lam, eps,
+# tau, an attack's z / eps / factor); a structural one (FA's r, max_iters) is refused by name.
+BATCHABLE = ("seed", "lr", "momentum", "weight_decay", "lr_decay")
+_HPARAM_FIELDS = ("rule_hparams", "attack_hparams")
 
 
 @dataclasses.dataclass
@@ -64,6 +94,11 @@ class TrainConfig:
     ``batch_size`` per worker, ``steps``.
     Bookkeeping: ``seed``, ``eval_every``, ``eval_examples`` (0 = all), ``log_every``, ``out_dir``,
     ``checkpoint_every`` (0 = only at the end), ``resume``.
+    Batches: the fields in :data:`BATCHABLE` and rule/attack hyperparameters may hold several values
+    (:class:`Values`); :func:`train_and_evaluate` trains their product as one program, at most
+    ``runs_per_program`` runs per program (0 = all in one; more runs are trained in chunks of that size).
+    ``compilation_cache``: a folder for JAX's persistent compilation cache (or set
+    ``FLAGJAX_COMPILATION_CACHE``; off when both are empty), so a second process compiles nothing.
     """
 
     dataset: str = "fashion_mnist"
@@ -98,9 +133,17 @@ class TrainConfig:
     out_dir: str = "runs/default"
     checkpoint_every: int = 0
     resume: bool = False
+    runs_per_program: int = 0
+    compilation_cache: str = ""
 
     def validate(self) -> None:
-        """Raise :class:`ConfigError` naming the first invalid field."""
+        """Raise :class:`ConfigError` naming the first invalid field (every run of a batch is checked)."""
+        for _, run in expand(self):
+            run._validate_one()
+        if self.runs_per_program < 0:
+            raise ConfigError(f"invalid runs_per_program={self.runs_per_program!r}: must be >= 0 (0 = all runs)")
+
+    def _validate_one(self) -> None:
         from flagjax import aggregators, attacks
 
         def bad(field, value, allowed):
@@ -197,6 +240,11 @@ def _scalar(raw: str):
         return raw
 
 
+def _is_list(raw: str) -> bool:
+    """``a,b,c`` outside brackets/braces/quotes: several values (a batch axis)."""
+    return "," in raw and raw.strip()[:1] not in "[{\"'"
+
+
 def apply_overrides(cfg: TrainConfig, overrides: list[str]) -> TrainConfig:
     """Apply ``field=value`` (and ``rule_hparams.lam=1``-style) overrides; unknown fields raise
     :class:`ConfigError` listing the known ones."""
@@ -211,12 +259,63 @@ def apply_overrides(cfg: TrainConfig, overrides: list[str]) -> TrainConfig:
             head, sub = key.split(".", 1)
             if head not in ("rule_hparams", "attack_hparams"):
                 raise ConfigError(f"unknown config key {key!r}; only rule_hparams.X and attack_hparams.X nest")
-            getattr(cfg, head)[sub] = _scalar(raw)
+            value = Values(_scalar(v) for v in raw.split(",")) if _is_list(raw) else _scalar(raw)
+            getattr(cfg, head)[sub] = value
             continue
         if key not in fields:
             raise ConfigError(f"unknown config key {key!r}; known keys: {', '.join(sorted(fields))}")
-        setattr(cfg, key, _parse_value(fields[key], raw))
+        if _is_list(raw) and typing.get_type_hints(TrainConfig)[key] is not dict:
+            setattr(cfg, key, Values(_parse_value(fields[key], v.strip()) for v in raw.split(",")))
+        else:
+            setattr(cfg, key, _parse_value(fields[key], raw))
     return cfg
+
+
+def batch_axes(cfg: TrainConfig) -> list[tuple[str, tuple]]:
+    """The batch axes of ``cfg``: ``[(field, values), ...]`` for every field holding several values
+    (``rule_hparams.lam``-style names for hyperparameters), in field order. Raises
+    :class:`ConfigError` naming a field that cannot take several values in one program."""
+    axes = []
+    for f in dataclasses.fields(TrainConfig):
+        value = getattr(cfg, f.name)
+        if f.name in _HPARAM_FIELDS:
+            axes += [(f"{f.name}.{k}", tuple(v)) for k, v in value.items() if isinstance(v, Values)]
+        elif isinstance(value, (list, tuple)):
+            if f.name not in BATCHABLE:
+                raise ConfigError(
+                    f"invalid {f.name}={list(value)!r}: only {', '.join(BATCHABLE)}, rule_hparams.X and "
+                    f"attack_hparams.X may take several values in one program ({f.name} changes the compiled "
+                    f"program; run its values separately)"
+                )
+            axes.append((f.name, tuple(value)))
+    for name, values in axes:
+        if not values:
+            raise ConfigError(f"invalid {name}=(): a batch axis needs at least one value")
+        if len(set(map(repr, values))) != len(values):
+            raise ConfigError(f"invalid {name}={list(values)!r}: repeated values (each run needs its own folder)")
+    return axes
+
+
+def _fmt(value) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in str(value))
+
+
+def expand(cfg: TrainConfig) -> list[tuple[str, TrainConfig]]:
+    """The runs of ``cfg``: ``[(name, single-run config), ...]``, the product of its batch axes in
+    order (the last axis fastest). ``name`` is ``"<field>_<value>[__<field>_<value>...]"`` (the run's
+    folder under ``out_dir``), ``""`` for a config without axes."""
+    axes = batch_axes(cfg)
+    runs = []
+    for combo in itertools.product(*(values for _, values in axes)):
+        run = dataclasses.replace(cfg, rule_hparams=dict(cfg.rule_hparams), attack_hparams=dict(cfg.attack_hparams))
+        for (name, _), value in zip(axes, combo, strict=True):
+            if "." in name:
+                head, sub = name.split(".", 1)
+                getattr(run, head)[sub] = value
+            else:
+                setattr(run, name, value)
+        runs.append(("__".join(f"{n}_{_fmt(v)}" for (n, _), v in zip(axes, combo, strict=True)), run))
+    return runs
 
 
 def load_config(path: str | None) -> TrainConfig:
@@ -239,23 +338,53 @@ def load_config(path: str | None) -> TrainConfig:
 
 
 def make_optimizer(cfg: TrainConfig, steps_per_epoch: int) -> optax.GradientTransformation:
-    """Weight decay + the named optax optimiser on a step schedule (x lr_decay every lr_decay_epochs)."""
-    sched = optax.exponential_decay(
-        cfg.lr,
-        transition_steps=max(1, int(round(cfg.lr_decay_epochs * steps_per_epoch))),
-        decay_rate=cfg.lr_decay,
-        staircase=True,
-    )
-    if cfg.optimizer == "sgd":
-        opt = optax.sgd(sched, momentum=cfg.momentum or None)
-    else:
-        opt = getattr(optax, cfg.optimizer)(sched)
-    return optax.chain(optax.add_decayed_weights(cfg.weight_decay), opt)
+    """Weight decay + the named optax optimiser on a step schedule (x lr_decay every lr_decay_epochs),
+    for one run's ``cfg`` (:func:`optimizer_factory` with the run's values)."""
+    return optimizer_factory(cfg.optimizer, momentum=bool(cfg.momentum))(opt_hparams(cfg, steps_per_epoch))
+
+
+def opt_hparams(cfg: TrainConfig, steps_per_epoch: int) -> dict:
+    """One run's optimiser numbers (float32 scalars; batched over runs by the loop): lr, momentum,
+    weight_decay, lr_decay and the decay period in steps (round(lr_decay_epochs * steps_per_epoch))."""
+    period = max(1, int(round(cfg.lr_decay_epochs * steps_per_epoch)))
+    return {
+        "lr": np.float32(cfg.lr),
+        "momentum": np.float32(cfg.momentum),
+        "weight_decay": np.float32(cfg.weight_decay),
+        "lr_decay": np.float32(cfg.lr_decay),
+        "transition_steps": np.float32(period),
+    }
+
+
+def optimizer_factory(optimizer: str, *, momentum: bool) -> Callable[[dict], optax.GradientTransformation]:
+    """``make(hp) -> optax.GradientTransformation`` with the numbers of :func:`opt_hparams` possibly
+    traced (so one program serves runs with different lr / momentum / weight decay).
+
+    The schedule is optax's staircase ``exponential_decay`` written out (optax's checks ``decay_rate
+    == 0`` in Python, which a traced value cannot pass): lr * lr_decay^floor(step / transition_steps).
+    ``momentum`` (static) says whether SGD keeps a momentum trace; a run with momentum 0 in a batch
+    whose others use momentum gets a trace with decay 0, which is plain SGD.
+    """
+
+    def make(hp: dict) -> optax.GradientTransformation:
+        def schedule(count):
+            lr = hp["lr"]
+            decayed = lr * jnp.power(hp["lr_decay"], jnp.floor(count / hp["transition_steps"]))
+            return jnp.where(count <= 0, lr, decayed)
+
+        if optimizer == "sgd":
+            opt = optax.sgd(schedule, momentum=hp["momentum"] if momentum else None)
+        else:
+            opt = getattr(optax, optimizer)(schedule)
+        return optax.chain(optax.add_decayed_weights(hp["weight_decay"]), opt)
+
+    return make
 
 
 @dataclasses.dataclass
 class RunResult:
-    """What :func:`run` returns: final metrics, the metrics file, the final state and the layout used."""
+    """One run of :func:`train_and_evaluate`: its config, final metrics, history, metrics file, its
+    slice of the final state (host arrays) and the layout used."""
 
     config: TrainConfig
     final: dict
@@ -265,43 +394,53 @@ class RunResult:
     layout: str
     layout_note: str
     params: Any = None
+    name: str = ""
 
 
-def _split_validation(ds: data.Dataset, fraction: float, seed: int):
+def _split_validation(n: int, fraction: float, seed: int):
+    """(train indices or None for all, validation indices or None) into the training set."""
     if fraction <= 0:
-        return ds.train_x, ds.train_y, None, None
+        return None, None
     rng = np.random.default_rng([seed, 7])
-    perm = rng.permutation(len(ds.train_y))
+    perm = rng.permutation(n)
     n_val = int(round(fraction * len(perm)))
-    val, tr = perm[:n_val], perm[n_val:]
-    return ds.train_x[tr], ds.train_y[tr], ds.train_x[val], ds.train_y[val]
+    return perm[n_val:], perm[:n_val]
 
 
 @functools.partial(jax.jit, static_argnums=0)
 def _eval_batch(model, variables, xb, yb):
-    """(summed loss, number correct) of one evaluation batch; compiled once per model and batch shape."""
-    logits = model.apply(variables, xb, train=False)
-    return (
-        jnp.sum(optax.softmax_cross_entropy_with_integer_labels(logits, yb)),
-        jnp.sum(jnp.argmax(logits, -1) == yb),
-    )
+    """(B,) summed losses and (B,) numbers correct of one evaluation batch for B stacked models;
+    compiled once per model, number of models and batch shape."""
+
+    def one(v):
+        logits = model.apply(v, xb, train=False)
+        loss = jnp.sum(optax.softmax_cross_entropy_with_integer_labels(logits, yb))
+        return loss, jnp.sum(jnp.argmax(logits, -1) == yb)
+
+    return jax.vmap(one)(variables)
 
 
-def _evaluate(model, params, stats, x, y, limit: int, batch: int = 2000) -> tuple[float, float]:
+def evaluate(model, params, stats, x, y, *, limit: int = 0, batch: int = 2000) -> list[tuple[float, float]]:
+    """[(mean loss, accuracy)] of each of B stacked models (params/stats with a leading run axis) on
+    (x, y), the first ``limit`` examples (0 = all), in batches of ``batch``."""
     if limit:
         x, y = x[:limit], y[:limit]
     has_bn = bool(jax.tree_util.tree_leaves(stats))
     variables = {"params": params, **({"batch_stats": stats} if has_bn else {})}
-    tot_loss, tot_acc = 0.0, 0
+    runs = jax.tree_util.tree_leaves(params)[0].shape[0]
+    tot_loss, tot_acc = np.zeros(runs), np.zeros(runs, np.int64)
     for i in range(0, len(y), batch):
         lo, ac = _eval_batch(model, variables, x[i : i + batch], y[i : i + batch])
-        tot_loss += float(lo)
-        tot_acc += int(ac)
-    return tot_loss / len(y), tot_acc / len(y)
+        tot_loss += np.asarray(lo, np.float64)
+        tot_acc += np.asarray(ac, np.int64)
+    return [(float(lo / len(y)), float(ac / len(y))) for lo, ac in zip(tot_loss, tot_acc, strict=True)]
 
 
-def _global_array(mesh, arr: np.ndarray) -> jax.Array:
-    sharding = NamedSharding(mesh, P(parallel.AXIS))
+_RUNS_BY_WORKERS = P(None, parallel.AXIS)
+
+
+def _global_array(mesh, arr: np.ndarray, spec=_RUNS_BY_WORKERS) -> jax.Array:
+    sharding = NamedSharding(mesh, spec)
     return jax.make_array_from_callback(arr.shape, sharding, lambda idx: arr[idx])
 
 
@@ -312,17 +451,22 @@ def _checkpoint_manager(path: Path):
 
 
 def step_config(cfg: TrainConfig, num_classes: int, image_hw: tuple[int, int]) -> parallel.StepConfig:
-    """The static :class:`flagjax.parallel.StepConfig` of ``cfg`` (LV gather map built here)."""
+    """The static :class:`flagjax.parallel.StepConfig` of ``cfg`` (LV gather map built here).
+    Batched hyperparameters are left out: they reach the step traced."""
     lv_map = None
     if cfg.attack == "lotka_volterra":
         lv_map = data.lotka_volterra_map(image_hw[0], image_hw[1], cfg.aug_level)
+
+    def static(hp: dict):
+        return tuple(sorted((k, v) for k, v in hp.items() if not isinstance(v, Values)))
+
     return parallel.StepConfig(
         num_workers=cfg.num_workers,
         num_byzantine=cfg.num_byzantine,
         rule=cfg.rule,
-        rule_hparams=tuple(sorted(cfg.rule_hparams.items())),
+        rule_hparams=static(cfg.rule_hparams),
         attack=cfg.attack,
-        attack_hparams=tuple(sorted(cfg.attack_hparams.items())),
+        attack_hparams=static(cfg.attack_hparams),
         aug_level=cfg.aug_level,
         worker_momentum=cfg.worker_momentum,
         layout=cfg.layout,
@@ -333,80 +477,300 @@ def step_config(cfg: TrainConfig, num_classes: int, image_hw: tuple[int, int]) -
 
 
 @dataclasses.dataclass
-class Setup:
-    """Everything :func:`run` builds before the loop (also used by benchmarks/train_step.py)."""
+class RunData:
+    """One run's view of the data: its per-worker sampler (indices into the full training set), its
+    validation split and steps per epoch."""
 
+    sampler: data.WorkerSampler
+    val_x: np.ndarray | None
+    val_y: np.ndarray | None
+    steps_per_epoch: int
+
+
+def _run_data(cfg: TrainConfig, ds: data.Dataset) -> RunData:
+    tr, val = _split_validation(len(ds.train_y), cfg.val_fraction, cfg.seed)
+    labels = ds.train_y if tr is None else ds.train_y[tr]
+    shards = data.shard_indices(labels, cfg.num_workers, scheme=cfg.shard, alpha=cfg.dirichlet_alpha, seed=cfg.seed)
+    if tr is not None:
+        shards = [tr[s] for s in shards]
+    sampler = data.WorkerSampler(shards, cfg.batch_size, seed=cfg.seed)
+    spe = max(1, min(len(s) for s in shards) // cfg.batch_size)
+    if val is None:
+        return RunData(sampler, None, None, spe)
+    return RunData(sampler, ds.train_x[val], ds.train_y[val], spe)
+
+
+def _traced_hparams(cfg: TrainConfig, run: TrainConfig) -> dict:
+    """The run's values of the batched rule/attack hyperparameters (as arrays, vmapped over runs)."""
+    out = {}
+    for field, part in (("rule_hparams", "rule"), ("attack_hparams", "attack")):
+        batched = [k for k, v in getattr(cfg, field).items() if isinstance(v, Values)]
+        out[part] = {k: np.asarray(getattr(run, field)[k]) for k in batched}
+    return out
+
+
+def _stack(trees: list) -> Any:
+    return jax.tree.map(lambda *a: np.stack([np.asarray(jax.device_get(v)) for v in a]), *trees)
+
+
+@dataclasses.dataclass
+class Setup:
+    """Everything the loop builds before its first step for a batch of B runs (also used by
+    benchmarks/train_step.py). ``state`` and ``hparams`` carry a leading run axis."""
+
+    runs: list[tuple[str, TrainConfig]]
     dataset: data.Dataset
     model: Any
-    tx: Any
     mesh: Any
     step_fn: Callable
     layout: str
     layout_note: str
     state: parallel.TrainState
-    sampler: data.WorkerSampler
-    train_x: np.ndarray
-    train_y: np.ndarray
-    val_x: np.ndarray | None
-    val_y: np.ndarray | None
-    steps_per_epoch: int
+    hparams: dict
+    run_data: list[RunData]
     step_config: parallel.StepConfig
 
     def batch(self, step: int) -> tuple[jax.Array, jax.Array]:
-        """The global (p, B, ...) inputs and (p, B) labels of ``step``, sharded along workers."""
-        idx = self.sampler.indices(step)
-        return _global_array(self.mesh, self.train_x[idx]), _global_array(self.mesh, self.train_y[idx])
+        """The (B, p, batch, ...) inputs and (B, p, batch) labels of ``step``, sharded along workers."""
+        idx = np.stack([rd.sampler.indices(step) for rd in self.run_data])
+        ds = self.dataset
+        return _global_array(self.mesh, ds.train_x[idx]), _global_array(self.mesh, ds.train_y[idx])
+
+    def step(self, state, x, y):
+        """One step of every run: ``step_fn(state, x, y, hparams)``."""
+        return self.step_fn(state, x, y, self.hparams)
 
 
-def setup(cfg: TrainConfig, dataset: data.Dataset | None = None) -> Setup:
-    """Validate ``cfg``, load data, shard it, build the model, optimiser, mesh, step and initial state."""
+def setup(cfg: TrainConfig, dataset: data.Dataset | None = None, *, runs=None) -> Setup:
+    """Validate ``cfg``; load data; build the model, mesh, the vmapped step and the stacked initial
+    state of the runs of ``cfg`` (all of :func:`expand`, or the given sublist ``runs``)."""
     cfg.validate()
+    runs = expand(cfg) if runs is None else list(runs)
     ds = dataset or data.load_dataset(cfg.dataset, cfg.data_dir or None)
-    train_x, train_y, val_x, val_y = _split_validation(ds, cfg.val_fraction, cfg.seed)
-    shards = data.shard_indices(train_y, cfg.num_workers, scheme=cfg.shard, alpha=cfg.dirichlet_alpha, seed=cfg.seed)
-    sampler = data.WorkerSampler(shards, cfg.batch_size, seed=cfg.seed)
-    steps_per_epoch = max(1, min(len(s) for s in shards) // cfg.batch_size)
-
+    run_data = [_run_data(run, ds) for _, run in runs]
     model = models.make_model(cfg.model, ds.num_classes)
-    variables = model.init(jax.random.key(cfg.seed), jnp.zeros((1, *train_x.shape[1:]), jnp.float32))
-    params = variables["params"]
-    stats = variables.get("batch_stats", {})
-    tx = make_optimizer(cfg, steps_per_epoch)
-
     n_dev = cfg.num_devices or max(d for d in range(1, jax.device_count() + 1) if cfg.num_workers % d == 0)
     mesh = parallel.make_mesh(n_dev)
-    scfg = step_config(cfg, ds.num_classes, train_x.shape[1:3])
-    step_fn, layout, note = parallel.build_step(model, tx, scfg, mesh, params)
-    rep = NamedSharding(mesh, P())
-    state = parallel.TrainState(
-        step=jnp.int32(0),
-        params=params,
-        batch_stats=stats,
-        opt_state=tx.init(params),
-        worker_mom=parallel.init_worker_momentum(scfg, params, mesh),
-        key=jax.random.key_data(jax.random.key(cfg.seed + 1)),
-        prev_agg=parallel.init_prev_aggregate(scfg, params, mesh),
+    scfg = step_config(cfg, ds.num_classes, ds.train_x.shape[1:3])
+    make_tx = optimizer_factory(cfg.optimizer, momentum=any(run.momentum > 0 for _, run in runs))
+
+    states, hps = [], []
+    for (_, run), rd in zip(runs, run_data, strict=True):
+        variables = model.init(jax.random.key(run.seed), jnp.zeros((1, *ds.train_x.shape[1:]), jnp.float32))
+        params = variables["params"]
+        opt = opt_hparams(run, rd.steps_per_epoch)
+        states.append(
+            parallel.TrainState(
+                step=np.int32(0),
+                params=params,
+                batch_stats=variables.get("batch_stats", {}),
+                opt_state=make_tx(opt).init(params),
+                worker_mom=parallel.init_worker_momentum(scfg, params, mesh),
+                key=jax.random.key_data(jax.random.key(run.seed + 1)),
+                prev_agg=parallel.init_prev_aggregate(scfg, params, mesh),
+            )
+        )
+        hps.append({"opt": opt, **_traced_hparams(cfg, run)})
+    raw_step, layout, note = parallel.build_step(model, make_tx, scfg, mesh, states[0].params, jit=False)
+    step_fn = jax.jit(jax.vmap(raw_step), donate_argnums=(0,))
+    state = _stack(states)
+    hparams = _stack(hps)
+    if n_dev > 1:  # per-worker momentum sharded along workers, everything else replicated
+        mom = _global_array(mesh, state.worker_mom, P(None, parallel.AXIS))
+        state = jax.tree.map(lambda a: _global_array(mesh, a, P()), state._replace(worker_mom=None))
+        state = state._replace(worker_mom=mom)
+        hparams = jax.tree.map(lambda a: _global_array(mesh, a, P()), hparams)
+    return Setup(runs, ds, model, mesh, step_fn, layout, note, state, hparams, run_data, scfg)
+
+
+def _cache_dir(cfg: TrainConfig) -> str:
+    return cfg.compilation_cache or os.environ.get("FLAGJAX_COMPILATION_CACHE", "")
+
+
+def enable_compilation_cache(path: str | os.PathLike) -> None:
+    """Turn on JAX's persistent compilation cache in ``path`` for this process (every program, however
+    fast it compiled), so a later process with the same programs loads them instead of compiling.
+    Opt-in: the config field ``compilation_cache`` or the environment variable
+    ``FLAGJAX_COMPILATION_CACHE`` (docs/design.md, "Compile once")."""
+    Path(path).mkdir(parents=True, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", str(path))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
+
+
+def _is_trace_error(err: Exception) -> bool:
+    return isinstance(
+        err,
+        (
+            jax.errors.ConcretizationTypeError,
+            jax.errors.TracerBoolConversionError,
+            jax.errors.TracerIntegerConversionError,
+            jax.errors.TracerArrayConversionError,
+        ),
     )
-    state = state._replace(
-        **{k: jax.device_put(getattr(state, k), rep) for k in ("step", "params", "batch_stats", "opt_state", "key")}
-    )
-    return Setup(
-        ds,
-        model,
-        tx,
-        mesh,
-        step_fn,
-        layout,
-        note,
-        state,
-        sampler,
-        train_x,
-        train_y,
-        val_x,
-        val_y,
-        steps_per_epoch,
-        scfg,
-    )
+
+
+def train_and_evaluate(
+    config: TrainConfig,
+    workdir: str | os.PathLike | None = None,
+    *,
+    on_step: Callable[[int, dict], None] | None = None,
+    on_eval: Callable[[int, dict], None] | None = None,
+    dataset: data.Dataset | None = None,
+) -> list[RunResult]:
+    """Train every run of ``config`` (:func:`expand`) as one compiled program per chunk of
+    ``runs_per_program`` runs; return one :class:`RunResult` per run, in :func:`expand`'s order.
+
+    Args:
+      config: the :class:`TrainConfig`; batch axes as :class:`Values` (see :data:`BATCHABLE`).
+      workdir: output folder (default ``config.out_dir``). A run named ``name`` writes
+        ``workdir/name/metrics.jsonl`` (``workdir/metrics.jsonl`` for a config without axes);
+        checkpoints of the stacked state go to ``workdir/checkpoints`` (``checkpoints/chunk_K`` when
+        the runs are split into chunks).
+      on_step, on_eval: callbacks ``(step, record)`` with the first run of the chunk's record.
+      dataset: overrides loading (tests pass small synthetic sets).
+
+    Metrics lines: ``step``, ``loss`` (mean over honest workers), ``train_accuracy``, ``wall_time``
+    (s since the chunk's start), ``step_time`` (s; the whole batch's step), ``agg_norm``, ``lr``, for
+    FA ``ratios`` (p,), ``mean_ratios`` and ``status``; evaluation lines add ``test_accuracy``,
+    ``test_loss`` (and ``val_accuracy`` / ``val_loss`` with a validation split).
+    """
+    config.validate()
+    if workdir is not None:
+        config = dataclasses.replace(config, out_dir=str(workdir))
+    cache = _cache_dir(config)
+    if cache:
+        enable_compilation_cache(cache)
+    runs = expand(config)
+    size = config.runs_per_program or len(runs)
+    chunks = [runs[i : i + size] for i in range(0, len(runs), size)]
+    results: list[RunResult] = []
+    for k, chunk in enumerate(chunks):
+        ckpt_dir = Path(config.out_dir) / "checkpoints" / (f"chunk_{k}" if len(chunks) > 1 else "")
+        results += _train_chunk(config, chunk, ckpt_dir, on_step, on_eval, dataset)
+    return results
+
+
+def _train_chunk(cfg, chunk, ckpt_dir, on_step, on_eval, dataset) -> list[RunResult]:
+    su = setup(cfg, dataset, runs=chunk)
+    model, state, ds = su.model, su.state, su.dataset
+    out = Path(cfg.out_dir)
+    is_main = jax.process_index() == 0
+    paths = [out / name if name else out for name, _ in su.runs]
+    if is_main:
+        for path in paths:
+            path.mkdir(parents=True, exist_ok=True)
+    ckpt = _checkpoint_manager(ckpt_dir) if (cfg.checkpoint_every or cfg.resume) else None
+    histories: list[list[dict]] = [[] for _ in su.runs]
+    start_step = 0
+    if cfg.resume and ckpt is not None and ckpt.latest_step() is not None:
+        import orbax.checkpoint as ocp
+
+        abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), state)
+        state = ckpt.restore(ckpt.latest_step(), args=ocp.args.StandardRestore(abstract))
+        start_step = int(np.asarray(jax.device_get(state.step))[0])
+        for i, path in enumerate(paths):
+            mp = path / "metrics.jsonl"
+            if mp.exists():
+                hist = [json.loads(line) for line in mp.read_text().splitlines() if line.strip()]
+                histories[i] = [h for h in hist if h["step"] <= start_step]
+    f_eff = cfg.num_byzantine if cfg.attack != "none" else 0
+    honest = cfg.num_workers - f_eff
+
+    def write_histories():
+        if is_main:
+            for path, hist in zip(paths, histories, strict=True):
+                tmp = path / "metrics.tmp"
+                tmp.write_text("".join(json.dumps(h) + "\n" for h in hist))
+                os.replace(tmp, path / "metrics.jsonl")
+
+    axes = [name for name, _ in batch_axes(cfg) if "." in name]
+    t0 = time.perf_counter()
+    for step in range(start_step, cfg.steps):
+        x, y = su.batch(step)
+        ts = time.perf_counter()
+        try:
+            state, m = su.step(state, x, y)
+        except Exception as err:
+            if axes and (_is_trace_error(err) or "Tracer" in str(err)):
+                raise ConfigError(
+                    f"invalid {', '.join(axes)}: a hyperparameter in this list shapes the compiled program "
+                    f"(it is used as a Python value), so it cannot take several values in one batch; run its "
+                    f"values separately ({type(err).__name__}: {str(err).splitlines()[0][:200]})"
+                ) from None
+            raise
+        m = jax.device_get(m)  # blocks: on CPU this also avoids the many-device rendezvous deadlock
+        step_time = time.perf_counter() - ts
+        done = step + 1
+        log = done % max(cfg.log_every, 1) == 0 or done == cfg.steps
+        evals = (cfg.eval_every and done % cfg.eval_every == 0) or done == cfg.steps
+        recs = None
+        if log or evals:
+            recs = []
+            for i, (_, run) in enumerate(su.runs):
+                spe = su.run_data[i].steps_per_epoch
+                rec = {
+                    "step": done,
+                    "loss": float(np.mean(m["loss"][i][:honest])),
+                    "train_accuracy": float(np.mean(m["accuracy"][i][:honest])),
+                    "wall_time": time.perf_counter() - t0,
+                    "step_time": step_time,
+                    "agg_norm": float(m["agg_norm"][i]),
+                    "lr": float(run.lr * run.lr_decay ** (step // max(1, round(run.lr_decay_epochs * spe)))),
+                }
+                if "ratios" in m:
+                    rec["ratios"] = [round(float(v), 6) for v in m["ratios"][i]]
+                    rec["status"] = int(m["status"][i])
+                if "mean_ratios" in m:
+                    rec["mean_ratios"] = [round(float(v), 6) for v in m["mean_ratios"][i]]
+                recs.append(rec)
+            if evals:
+                params_h, stats_h = jax.device_get((state.params, state.batch_stats))
+                test = evaluate(model, params_h, stats_h, ds.test_x, ds.test_y, limit=cfg.eval_examples)
+                for i, rec in enumerate(recs):
+                    rec["test_loss"], rec["test_accuracy"] = test[i]
+                    rd = su.run_data[i]
+                    if rd.val_x is not None:
+                        one = jax.tree.map(lambda a, i=i: a[i : i + 1], (params_h, stats_h))
+                        rec["val_loss"], rec["val_accuracy"] = evaluate(model, *one, rd.val_x, rd.val_y)[0]
+                if on_eval:
+                    on_eval(done, recs[0])
+            for hist, rec in zip(histories, recs, strict=True):
+                hist.append(rec)
+        if on_step:
+            on_step(done, recs[0] if recs else {"step": done, "loss": float(np.mean(m["loss"][0][:honest]))})
+        if ckpt is not None and cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < cfg.steps:
+            import orbax.checkpoint as ocp
+
+            write_histories()
+            ckpt.save(done, args=ocp.args.StandardSave(state))
+            ckpt.wait_until_finished()
+    write_histories()
+    if ckpt is not None:
+        import orbax.checkpoint as ocp
+
+        ckpt.save(cfg.steps, args=ocp.args.StandardSave(state), force=True)
+        ckpt.wait_until_finished()
+        ckpt.close()
+    host = jax.device_get(state)
+    results = []
+    for i, (name, run) in enumerate(su.runs):
+        one = jax.tree.map(lambda a, i=i: a[i], host)
+        hist = histories[i]
+        results.append(
+            RunResult(
+                run,
+                hist[-1] if hist else {},
+                hist,
+                paths[i] / "metrics.jsonl",
+                one,
+                su.layout,
+                su.layout_note,
+                one.params,
+                name,
+            )
+        )
+    return results
 
 
 def run(
@@ -416,94 +780,12 @@ def run(
     on_eval: Callable[[int, dict], None] | None = None,
     dataset: data.Dataset | None = None,
 ) -> RunResult:
-    """Train with ``cfg``; write ``out_dir/metrics.jsonl`` (and checkpoints); return a :class:`RunResult`.
-
-    ``dataset`` overrides loading (tests pass small synthetic sets). Metrics lines: ``step``, ``loss``
-    (mean over honest workers), ``train_accuracy``, ``wall_time`` (s since start), ``step_time`` (s),
-    ``agg_norm``, and for FA ``ratios`` (p,) and ``status``; evaluation lines add ``test_accuracy``,
-    ``test_loss`` (and ``val_accuracy`` with a validation split).
-    """
-    su = setup(cfg, dataset)
-    ds, model, step_fn, layout, note, state = su.dataset, su.model, su.step_fn, su.layout, su.layout_note, su.state
-    val_x, val_y, steps_per_epoch = su.val_x, su.val_y, su.steps_per_epoch
-    out = Path(cfg.out_dir)
-    is_main = jax.process_index() == 0
-    if is_main:
-        out.mkdir(parents=True, exist_ok=True)
-
-    ckpt = _checkpoint_manager(out / "checkpoints") if (cfg.checkpoint_every or cfg.resume) else None
-    history: list[dict] = []
-    metrics_path = out / "metrics.jsonl"
-    start_step = 0
-    if cfg.resume and ckpt is not None and ckpt.latest_step() is not None:
-        import orbax.checkpoint as ocp
-
-        abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), state)
-        state = ckpt.restore(ckpt.latest_step(), args=ocp.args.StandardRestore(abstract))
-        start_step = int(state.step)
-        if metrics_path.exists():
-            history = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
-            history = [h for h in history if h["step"] <= start_step]
-    honest = cfg.num_workers - (cfg.num_byzantine if cfg.attack not in ("none",) else 0)
-
-    def write_history():
-        if is_main:
-            tmp = metrics_path.with_suffix(".tmp")
-            tmp.write_text("".join(json.dumps(h) + "\n" for h in history))
-            os.replace(tmp, metrics_path)
-
-    t0 = time.perf_counter()
-    for step in range(start_step, cfg.steps):
-        x, y = su.batch(step)
-        ts = time.perf_counter()
-        state, m = step_fn(state, x, y)
-        m = jax.device_get(m)  # blocks: on CPU this also avoids the many-device rendezvous deadlock
-        step_time = time.perf_counter() - ts
-        done = step + 1
-        rec = None
-        if done % max(cfg.log_every, 1) == 0 or done == cfg.steps or (cfg.eval_every and done % cfg.eval_every == 0):
-            rec = {
-                "step": done,
-                "loss": float(np.mean(m["loss"][:honest])),
-                "train_accuracy": float(np.mean(m["accuracy"][:honest])),
-                "wall_time": time.perf_counter() - t0,
-                "step_time": step_time,
-                "agg_norm": float(m["agg_norm"]),
-                "lr": float(cfg.lr * cfg.lr_decay ** (step // max(1, round(cfg.lr_decay_epochs * steps_per_epoch)))),
-            }
-            if "ratios" in m:
-                rec["ratios"] = [round(float(v), 6) for v in m["ratios"]]
-                rec["status"] = int(m["status"])
-            if "mean_ratios" in m:
-                rec["mean_ratios"] = [round(float(v), 6) for v in m["mean_ratios"]]
-            if (cfg.eval_every and done % cfg.eval_every == 0) or done == cfg.steps:
-                params_h = jax.device_get(state.params)
-                stats_h = jax.device_get(state.batch_stats)
-                rec["test_loss"], rec["test_accuracy"] = _evaluate(
-                    model, params_h, stats_h, ds.test_x, ds.test_y, cfg.eval_examples
-                )
-                if val_x is not None:
-                    rec["val_loss"], rec["val_accuracy"] = _evaluate(model, params_h, stats_h, val_x, val_y, 0)
-                if on_eval:
-                    on_eval(done, rec)
-            history.append(rec)
-        if on_step:
-            on_step(done, rec or {"step": done, "loss": float(np.mean(m["loss"][:honest]))})
-        if ckpt is not None and cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < cfg.steps:
-            import orbax.checkpoint as ocp
-
-            write_history()
-            ckpt.save(done, args=ocp.args.StandardSave(state))
-            ckpt.wait_until_finished()
-    write_history()
-    if ckpt is not None:
-        import orbax.checkpoint as ocp
-
-        ckpt.save(cfg.steps, args=ocp.args.StandardSave(state), force=True)
-        ckpt.wait_until_finished()
-        ckpt.close()
-    final = history[-1] if history else {}
-    return RunResult(cfg, final, history, metrics_path, state, layout, note, jax.device_get(state.params))
+    """Train the single run ``cfg`` (no batch axes): :func:`train_and_evaluate` with a batch of one;
+    writes ``out_dir/metrics.jsonl`` (and checkpoints) and returns its :class:`RunResult`."""
+    if batch_axes(cfg):
+        names = ", ".join(n for n, _ in batch_axes(cfg))
+        raise ConfigError(f"run() trains one run; {names} hold several values: use train_and_evaluate")
+    return train_and_evaluate(cfg, on_step=on_step, on_eval=on_eval, dataset=dataset)[0]
 
 
 def plot_accuracy(results: dict[str, list[dict]], path: str | os.PathLike, title: str = "") -> Path:

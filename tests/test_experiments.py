@@ -79,8 +79,8 @@ def test_paper_setting_runs_on_tfds_mock_data(tmp_path):
     assert "--paper" in (out / "README.md").read_text()
 
 
-def test_vmapped_runs_evaluate_batchnorm_models():
-    """The vmapped sweeps (Fig. 7, the lr protocol) evaluate each model with its own BatchNorm statistics."""
+def test_batch_runs_evaluate_batchnorm_models():
+    """The batched sweeps (Fig. 7, the lr protocol) evaluate each model with its own BatchNorm statistics."""
     import dataclasses
 
     import numpy as np
@@ -90,29 +90,56 @@ def test_vmapped_runs_evaluate_batchnorm_models():
     args = common.parse_args("fig7_lambda_sweep", "", ["--paper"])
     base = common.base_config(args, num_workers=3, num_byzantine=1, batch_size=2, steps=2, eval_every=2)
     base = dataclasses.replace(base, dataset="synthetic", eval_examples=16)
-    recs = common.vmapped_runs(base, [{"seed": 0, "lam": 0.0}, {"seed": 1, "lam": 1.0}], label=lambda g: "flag")
-    assert [len(r["history"]) for r in recs] == [1, 1]
+    recs = common.batch_runs(base, {"lam": [0.0, 1.0], "seed": [0, 1]}, label=lambda g: f"flag {g['lam']}")
+    assert [(r["lam"], r["seed"]) for r in recs] == [(0.0, 0), (0.0, 1), (1.0, 0), (1.0, 1)]
+    assert [len(r["history"]) for r in recs] == [1, 1, 1, 1]
     assert all(np.isfinite(r["history"][0]["test_loss"]) for r in recs)
     assert recs[0]["history"][0]["test_loss"] != recs[1]["history"][0]["test_loss"]
 
 
 def test_lr_protocol_adds_seeds_without_redoing_cached_ones(tmp_path):
-    """Each (rule, attack, seed) is its own cached program: --seeds 2 after --seeds 1 reuses seed 0's files
-    and adds seed 1's, and the report's records cover both seeds."""
+    """Each (rule, attack, seed) is its own cached program: --seeds 2 after --seeds 1 reuses seed 0's
+    entries of the store and adds seed 1's, and the report's records cover both seeds."""
     import json
 
-    from experiments import lr_protocol
+    from experiments import common, lr_protocol
 
     out = tmp_path / "lr"
     args = ["--quick", "--rows", "flag", "--out", str(out), "steps=2", "eval_every=2"]
     lr_protocol.main(["--seeds", "1", *args])
-    seed0 = sorted((out / "runs").glob("*__seed0__*.json"))
+    store = common.RunStore(out / "runs.jsonl.gz")
+    seed0 = [i for i in store.ids() if "__seed0__" in i]
     assert seed0
-    for path in seed0:  # marks seed 0's files: a recomputation would overwrite the mark
-        path.write_text(json.dumps([{**r, "val_accuracy": 0.5} for r in json.loads(path.read_text())]))
+    for run_id in seed0:  # marks seed 0's entries: a recomputation would overwrite the mark
+        store.put(run_id, {"json": [{**r, "val_accuracy": 0.5} for r in store.get(run_id)["json"]]})
     lr_protocol.main(["--seeds", "2", *args])
-    names = [p.name for p in sorted((out / "runs").glob("*.json"))]
-    assert names == sorted([p.name for p in seed0] + [p.name.replace("__seed0__", "__seed1__") for p in seed0])
+    names = common.RunStore(out / "runs.jsonl.gz").ids()
+    assert names == sorted(seed0 + [i.replace("__seed0__", "__seed1__") for i in seed0])
     recs = json.loads((out / "records.json").read_text())
     assert sorted({r["seed"] for r in recs}) == [0, 1]
     assert {r["val_accuracy"] for r in recs if r["seed"] == 0} == {0.5}  # read back, not recomputed
+
+
+def test_run_cells_trains_a_cells_seeds_as_one_program_and_reads_the_store_back(tmp_path):
+    """A cell's seeds are one batch (one program) and land in the compact store; a second call trains
+    nothing: it reads the (marked) runs back, and the store's bytes do not depend on when it was written."""
+    import json
+
+    from experiments import common, fig1_mean_not_robust
+
+    out = tmp_path / "fig1"
+    args = ["--quick", "--seeds", "2", "--rows", "flag", "--cols", "f=1", "--out", str(out), "steps=2"]
+    fig1_mean_not_robust.main([*args, "eval_every=2"])
+    store = common.RunStore(out / "runs.jsonl.gz")
+    assert store.ids() == ["flag__f_1__s0", "flag__f_1__s1"]
+    assert {store.get(i)["meta"]["runs_in_program"] for i in store.ids()} == {2}
+    assert [store.get(i)["meta"]["config"]["seed"] for i in store.ids()] == [0, 1]
+    for run_id in store.ids():
+        row = store.get(run_id)
+        row["history"][-1]["test_accuracy"] = 0.123
+        store.put(run_id, {k: v for k, v in row.items() if k != "id"})
+    before = (out / "runs.jsonl.gz").read_bytes()
+    fig1_mean_not_robust.main([*args, "eval_every=2"])
+    assert {r["test_accuracy"] for r in json.loads((out / "records.json").read_text())} == {0.123}
+    common.RunStore(out / "runs.jsonl.gz").save()
+    assert (out / "runs.jsonl.gz").read_bytes() == before

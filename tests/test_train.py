@@ -11,7 +11,7 @@ import optax
 import pytest
 from jax.flatten_util import ravel_pytree
 
-from flagjax import cli, data, models, parallel, train
+from flagjax import aggregators, cli, data, models, parallel, train
 
 DS = data.synthetic_dataset(n_train=1200, n_test=300)  # learnable in a few steps
 
@@ -46,13 +46,11 @@ def test_per_worker_gradients_are_per_worker():
         jax.debug.callback(lambda a: captured.__setitem__("stack", np.asarray(a)), stack)
         return stack.mean(0)
 
-    from flagjax.aggregators import registry
-
-    registry._REGISTRY["_spy"] = registry.Rule("_spy", spy, sanitize=False)
+    aggregators.register(aggregators.Rule("_spy", spy, sanitize=False))
     try:
         cfg = dataclasses.replace(cfg, rule="_spy")
         tx = optax.sgd(0.0)
-        step, layout, _ = parallel.build_step(model, tx, cfg, mesh, params)
+        step, layout, _ = parallel.build_step(model, lambda hp: tx, cfg, mesh, params)
         x = DS.train_x[:64].reshape(8, 8, 28, 28, 1)
         y = DS.train_y[:64].reshape(8, 8)
         state = parallel.TrainState(
@@ -64,9 +62,9 @@ def test_per_worker_gradients_are_per_worker():
             jax.random.key_data(jax.random.key(0)),
             parallel.init_prev_aggregate(cfg, params, mesh),
         )
-        jax.block_until_ready(step(state, jnp.asarray(x), jnp.asarray(y)))
+        jax.block_until_ready(step(state, jnp.asarray(x), jnp.asarray(y), {}))
     finally:
-        del registry._REGISTRY["_spy"]
+        aggregators.unregister("_spy")
     stack = captured["stack"]
 
     def loss(p, xb, yb):
@@ -81,7 +79,7 @@ def test_per_worker_gradients_are_per_worker():
 def test_centered_clipping_is_centred_on_the_previous_aggregate(tmp_path):
     """rule_hparams center='previous': step t's rule sees step t-1's aggregate as its center (zeros at
     step 0)."""
-    from flagjax.aggregators import distance, registry
+    from flagjax.aggregators import distance
 
     seen = []
 
@@ -89,17 +87,17 @@ def test_centered_clipping_is_centred_on_the_previous_aggregate(tmp_path):
         jax.debug.callback(lambda s, c: seen.append((np.asarray(s), np.asarray(c))), stack, center)
         return distance.centered_clipping(stack, center=center, tau=tau, iters=iters)
 
-    registry._REGISTRY["_spy_cc"] = registry.Rule("_spy_cc", spy, sanitize=False)
+    aggregators.register(aggregators.Rule("_spy_cc", spy, sanitize=False))
     try:
         cfg = _cfg(tmp_path, rule="_spy_cc", rule_hparams={"tau": 0.05, "center": "previous"}, attack="random")
         su = train.setup(dataclasses.replace(cfg, num_devices=1), dataset=DS)
         state = su.state
         aggs = []
         for k in range(3):
-            state, _ = su.step_fn(state, *su.batch(k))
-            aggs.append(np.asarray(state.prev_agg))
+            state, _ = su.step(state, *su.batch(k))
+            aggs.append(np.asarray(state.prev_agg)[0])  # the batch of one run
     finally:
-        del registry._REGISTRY["_spy_cc"]
+        aggregators.unregister("_spy_cc")
     assert len(seen) == 3
     np.testing.assert_array_equal(seen[0][1], 0.0)
     for k in range(3):

@@ -37,6 +37,7 @@ from flagjax.aggregators.registry import (
     register,
     register_pre,
     sanitize_rows,
+    unregister,
 )
 
 __all__ = [
@@ -65,4 +66,5 @@ __all__ = [
     "register_pre",
     "sanitize_rows",
     "spectral",
+    "unregister",
 ]

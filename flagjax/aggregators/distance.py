@@ -2,7 +2,7 @@
 clipping, MDA, MoNNA.
 
 Pairwise squared distances come from one Gram product, ||g_i - g_j||^2 = K_ii + K_jj - 2 K_ij (one
-read of the (p, d) stack; measured ~40 ms for a JAX Krum at d = 1e6 in ENVIRONMENT.md versus this
+read of the (p, d) stack; measured ~40 ms for a JAX Krum at d = 1e6 in docs/jax_traps.md versus this
 module's blocked Gram). Iterative rules (Weiszfeld, centered clipping) keep their iterate as a linear
 combination sum_i c_i g_i, so every iteration costs O(p^2) and the stack is read once more at the end.
 Overflowing distances (rows near float max) become +inf, which only ever makes a row look far away.

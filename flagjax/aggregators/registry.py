@@ -29,6 +29,7 @@ __all__ = [
     "get_pre",
     "register",
     "register_pre",
+    "unregister",
     "flatten_stack",
     "sanitize_rows",
     "parse_spec",
@@ -102,6 +103,16 @@ def register(rule: Rule) -> Rule:
         raise ValueError(f"rule {rule.name!r} is already registered")
     _REGISTRY[rule.name] = rule
     return rule
+
+
+def unregister(name: str) -> None:
+    """Remove the rule or pre-aggregator ``name`` (users' own rules, e.g. in tests); ``KeyError`` if unknown."""
+    if name in _REGISTRY:
+        del _REGISTRY[name]
+    elif name in _PRE:
+        del _PRE[name]
+    else:
+        raise KeyError(f"unknown rule or pre-aggregator name={name!r}")
 
 
 def register_pre(pre: PreAggregator) -> PreAggregator:
