@@ -125,7 +125,8 @@ class RunStore:
 
     Each line is ``{"id": ..., ...}``: a training run (``meta``: config, layout, seconds, device, runs
     in its program; ``history``: its metrics lines) or a cached result (``json``). Lines are sorted by
-    id and the gzip header carries no time stamp, so the same runs give the same bytes."""
+    id (each keeps its keys in the order written) and the gzip header carries no time stamp, so the
+    same runs give the same bytes."""
 
     def __init__(self, path: Path):
         self.path = Path(path)
@@ -156,7 +157,7 @@ class RunStore:
 
     def save(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        text = "".join(json.dumps(self._rows[k], sort_keys=True) + "\n" for k in sorted(self._rows))
+        text = "".join(json.dumps(self._rows[k]) + "\n" for k in sorted(self._rows))
         buf = io.BytesIO()
         with gzip.GzipFile(fileobj=buf, mode="wb", mtime=0, filename="") as gz:
             gz.write(text.encode("utf-8"))
@@ -167,8 +168,21 @@ class RunStore:
     def cached(self, run_id: str, compute: Callable[[], object]):
         """``compute()``'s JSON-able result, stored under ``run_id`` on first call, read back afterwards."""
         if run_id not in self._rows:
+            _refuse_training_if_read_only(self.path, [run_id])
             self.put(run_id, {"json": compute()})
         return self._rows[run_id]["json"]
+
+
+READ_ONLY_ENV = "FLAGJAX_EXPERIMENTS_READ_ONLY"
+
+
+def _refuse_training_if_read_only(path: Path, missing: list[str]) -> None:
+    """With FLAGJAX_EXPERIMENTS_READ_ONLY=1 (scripts/rebuild_reports.sh) a report must rebuild from the
+    store alone: a missing run is an error instead of hours of training."""
+    import os
+
+    if missing and os.environ.get(READ_ONLY_ENV):
+        raise SystemExit(f"{READ_ONLY_ENV} is set and {path} lacks {missing[:5]} ({len(missing)} missing)")
 
 
 def store(args) -> RunStore:
@@ -224,6 +238,7 @@ def run_cells(args, cells: Sequence[Cell], base: train.TrainConfig, *, progress=
         bar.set_postfix_str(f"{cell.row} | {cell.col}")
         ids = {seed: _slug(f"{cell.row}__{cell.col}__s{seed}") for seed in range(args.seeds)}
         missing = [seed for seed, run_id in ids.items() if run_id not in runs]
+        _refuse_training_if_read_only(runs.path, [ids[s] for s in missing])
         cfg = train.apply_overrides(base, [])
         for k, v in cell.overrides.items():
             setattr(cfg, k, v)
