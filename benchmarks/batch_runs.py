@@ -36,6 +36,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def _train(overrides: list[str], cache: str, out: str) -> float:
     """Seconds for one ``flagjax train`` process (imports to exit) with the given cache folder."""
     env = {**os.environ, "FLAGJAX_COMPILATION_CACHE": cache}  # "" = no persistent cache
+    env.pop("JAX_COMPILATION_CACHE_DIR", None)  # only the cache under test (gpu_checks.sh sets this one)
     cmd = [sys.executable, "-m", "flagjax.cli", "train", *overrides, f"out_dir={out}"]
     t0 = time.perf_counter()
     subprocess.run(cmd, check=True, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -59,20 +59,25 @@ VARIANTS = {
 ATTACKS = ("random", "gaussian", "signflip", "alie", "ipm", "optimal_alie", "optimal_ipm", "minmax")
 
 
-def main(argv=None):
-    args = common.parse_args("attack_heatmap", __doc__, argv)
-    base = common.base_config(args)
-    cells = []
-    for label in RULES:
+def cells(rules=RULES, attacks=ATTACKS) -> list[common.Cell]:
+    """The heatmap's cells (row label x attack) with their config overrides."""
+    out = []
+    for label in rules:
         rule, rule_hp, train_hp = VARIANTS.get(label, (label, {}, {}))
-        for atk in ATTACKS:
+        for atk in attacks:
             hp = {"rule": rule, "attack": atk, **train_hp}
             if rule_hp:
                 hp["rule_hparams"] = dict(rule_hp)
             if atk.startswith("optimal"):  # the attacker knows the rule and its hyperparameters
                 hp["attack_hparams"] = {"rule": rule, **({"rule_hparams": dict(rule_hp)} if rule_hp else {})}
-            cells.append(common.Cell(label, atk, hp))
-    recs = common.run_cells(args, cells, base)
+            out.append(common.Cell(label, atk, hp))
+    return out
+
+
+def main(argv=None):
+    args = common.parse_args("attack_heatmap", __doc__, argv)
+    base = common.base_config(args)
+    recs = common.run_cells(args, cells(), base)
     plot = common.plot_heatmap(args, recs, "heatmap.png", title="Final test accuracy, f = 3 of 15")
     body = f"{common.table(recs, worst_case=True)}\n\n![heatmap]({plot.name})"
     print(common.write_report(args, "Rule x attack heatmap (f = 3 of 15)", body, recs))

@@ -222,7 +222,8 @@ def run_cells(args, cells: Sequence[Cell], base: train.TrainConfig, *, progress=
     """Run every cell for seeds 0..N-1 (runs already in the store are read back); return one record per run.
 
     With ``batch`` (the default) a cell's missing seeds train as one program; ``batch=False`` trains
-    them one program each (for scripts that report time per step, which a batch would share)."""
+    them one program each (for scripts that report wall time or time per step: the runs of a batch share
+    one clock, so their ``wall_time`` / ``step_time`` are the batch's; ``meta.runs_in_program`` says so)."""
     from tqdm import tqdm
 
     for attr in ("row", "col"):

@@ -10,7 +10,8 @@ def main(argv=None):
     args = common.parse_args("fig2_tolerance", __doc__, argv)
     base = common.base_config(args)
     cells = [common.Cell(rule, f"f={f}", {"rule": rule, "num_byzantine": f}) for rule in RULES for f in (1, 2, 3)]
-    recs = common.run_cells(args, cells, base)
+    # Fig. 9 reports wall time per run, which a batch of seeds would share: one run per program
+    recs = common.run_cells(args, cells, base, batch=False)
     f3 = [r for r in recs if r["col"] == "f=3"]
     p1 = common.plot_curves(args, f3, "accuracy_f3.png", group=lambda r: r["row"], title="Fig. 2: f = 3 random")
     p2 = common.plot_curves(

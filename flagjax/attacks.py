@@ -17,6 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from flagjax.registry import Registry
+
 __all__ = ["Attack", "attack", "names", "get", "register", "alie_z", "coordinate_noise", "NOISE_BLOCK"]
 
 NOISE_BLOCK = 4096
@@ -43,28 +45,22 @@ class Attack:
     needs_key: bool = False
 
 
-_REGISTRY: dict[str, Attack] = {}
+ATTACKS: Registry[Attack] = Registry("attack")
 
 
 def register(atk: Attack) -> Attack:
     """Add ``atk`` to the registry (a new name only) and return it."""
-    if atk.name in _REGISTRY:
-        raise ValueError(f"attack {atk.name!r} is already registered")
-    _REGISTRY[atk.name] = atk
-    return atk
+    return ATTACKS.register(atk.name, atk)
 
 
 def names() -> tuple[str, ...]:
     """Names of all registered attacks, sorted."""
-    return tuple(sorted(_REGISTRY))
+    return ATTACKS.names()
 
 
 def get(name: str) -> Attack:
     """The :class:`Attack` called ``name``; ``KeyError`` naming the known attacks otherwise."""
-    try:
-        return _REGISTRY[name]
-    except (KeyError, TypeError):
-        raise KeyError(f"unknown attack name={name!r}; known attacks: {', '.join(names())}") from None
+    return ATTACKS.get(name)
 
 
 def attack(name: str, honest: jax.Array, *, f: int, key: jax.Array, offset=0, **hparams) -> jax.Array:

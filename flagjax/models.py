@@ -14,6 +14,8 @@ from functools import partial
 import flax.linen as nn
 import jax.numpy as jnp
 
+from flagjax.registry import Registry
+
 __all__ = ["PaperCNN", "MLP", "ResNet18", "make_model", "MODELS"]
 
 
@@ -91,16 +93,16 @@ class ResNet18(nn.Module):
         return nn.Dense(self.num_classes)(x)
 
 
-MODELS = {
-    "cnn": PaperCNN,
-    "mlp": MLP,
-    "resnet18": partial(ResNet18, stem="cifar"),
-    "resnet18_imagenet": partial(ResNet18, stem="imagenet"),
-}
+MODELS: Registry = Registry("model")
+MODELS.register("cnn", PaperCNN)
+MODELS.register("mlp", MLP)
+MODELS.register("resnet18", partial(ResNet18, stem="cifar"))
+MODELS.register("resnet18_imagenet", partial(ResNet18, stem="imagenet"))
 
 
 def make_model(name: str, num_classes: int) -> nn.Module:
-    """Model by name (see ``MODELS``): 'cnn', 'mlp', 'resnet18', 'resnet18_imagenet'."""
+    """Model by name (see ``MODELS``, a :class:`flagjax.registry.Registry` of constructors taking
+    ``num_classes``): 'cnn', 'mlp', 'resnet18', 'resnet18_imagenet', or one a user registered."""
     if name not in MODELS:
         raise ValueError(f"model must be one of {sorted(MODELS)}; got {name!r}")
-    return MODELS[name](num_classes=num_classes)
+    return MODELS.get(name)(num_classes=num_classes)

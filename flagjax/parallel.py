@@ -42,6 +42,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from flagjax import aggregators, attacks, solver
+from flagjax.aggregators.distance import is_previous
 
 __all__ = [
     "AXIS",
@@ -50,10 +51,11 @@ __all__ = [
     "TrainState",
     "resolve_layout",
     "build_step",
+    "attacked_stack",
     "DATA_ATTACKS",
     "step_keys",
     "init_worker_momentum",
-    "init_prev_aggregate",
+    "init_rule_state",
     "uses_previous_center",
 ]
 
@@ -117,11 +119,16 @@ class TrainState(NamedTuple):
 
     Attributes:
       step: () int32. params, batch_stats: model variables (replicated).
-      opt_state: optax state. worker_mom: (p, D) per-worker momentum (zeros when unused).
+      opt_state: optax state.
+      worker_mom: (p, D) per-worker momentum (an unused (p, 1) placeholder when off). Worker momentum
+        is the honest workers' own transform (each sends an EMA of its gradients, Karimireddy et al.
+        2021), computed before anything reaches the aggregator, so it lives with the workers' step
+        and not in the rule: a rule sees only what workers send, and Byzantine rows replace the sent
+        rows whatever the honest workers' state.
       key: PRNG key data (uint32), folded with the step for attacks and noise.
-      prev_agg: (D,) float32 aggregate of the previous step, fed to the rule as ``center`` when its
-        ``rule_hparams`` hold ``center="previous"`` (centered clipping as Karimireddy et al. run it);
-        an unused (1,) placeholder otherwise.
+      rule_state: the aggregation rule's own state (``Rule.init`` / ``Rule.update``): e.g.
+        :class:`flagjax.aggregators.CenterState` for centered clipping with ``center="previous"``;
+        ``()`` for stateless rules.
     """
 
     step: jax.Array
@@ -130,24 +137,21 @@ class TrainState(NamedTuple):
     opt_state: Any
     worker_mom: jax.Array
     key: jax.Array
-    prev_agg: jax.Array
-
-
-def _is_previous(center) -> bool:
-    return isinstance(center, str) and center == "previous"  # center may also be an array
+    rule_state: Any
 
 
 def uses_previous_center(cfg: StepConfig) -> bool:
     """Whether the rule (or the rule an optimal attack simulates) is centred on the previous aggregate
     (``center="previous"`` in ``rule_hparams`` / ``attack_hparams["rule_hparams"]``)."""
     atk_rule_hp = dict(dict(cfg.attack_hparams).get("rule_hparams") or {})
-    return _is_previous(dict(cfg.rule_hparams).get("center")) or _is_previous(atk_rule_hp.get("center"))
+    return is_previous(dict(cfg.rule_hparams).get("center")) or is_previous(atk_rule_hp.get("center"))
 
 
-def _with_previous_center(hparams: dict, prev_agg) -> dict:
-    """``hparams`` with ``center="previous"`` replaced by the previous aggregate (else unchanged)."""
-    if _is_previous(hparams.get("center")):
-        return {**hparams, "center": prev_agg}
+def _with_rule_center(hparams: dict, rule_state) -> dict:
+    """``hparams`` with ``center="previous"`` replaced by the defence's previous aggregate, read from its
+    rule state (an optimal attack simulating centered clipping from the previous aggregate)."""
+    if is_previous(hparams.get("center")):
+        return {**hparams, "center": rule_state.center}
     return hparams
 
 
@@ -160,6 +164,8 @@ def resolve_layout(cfg: StepConfig, num_devices: int) -> tuple[str, str]:
     rule, pre = aggregators.parse_spec(cfg.rule)
     if pre:
         return "server", f"pre-aggregators {pre} need whole rows"
+    if aggregators.get(rule).stateful:
+        return "server", f"rule {rule!r} keeps a state across rounds"
     if not aggregators.get(rule).shardable:
         ok = ", ".join(n for n in aggregators.names() if aggregators.get(n).shardable)
         return "server", f"rule {rule!r} needs whole rows (sharded supports {ok})"
@@ -187,6 +193,13 @@ def _check(cfg: StepConfig, num_devices: int) -> None:
     if atk_hp.get("rule_hparams"):  # the rule an optimal attack simulates (its default: the mean)
         sim_rule = aggregators.parse_spec(atk_hp.get("rule") or "mean")[0]
         _check_center("attack_hparams.rule_hparams", atk_hp["rule_hparams"], sim_rule)
+        if is_previous(dict(atk_hp["rule_hparams"]).get("center")) and not is_previous(
+            dict(cfg.rule_hparams).get("center")
+        ):
+            raise ValueError(
+                "attack_hparams.rule_hparams.center='previous' simulates the defence's previous aggregate, which "
+                "only a rule centred on it keeps (rule_hparams center='previous')"
+            )
     if cfg.attack == "lotka_volterra" and cfg.lv_map is None:
         raise ValueError("attack 'lotka_volterra' needs lv_map (flagjax.data.lotka_volterra_map)")
 
@@ -196,7 +209,7 @@ def _check_center(where: str, hparams, rule: str) -> None:
     center = dict(hparams).get("center")
     if isinstance(center, str) and center != "previous":
         raise ValueError(f"{where}.center must be 'previous' or a (D,) array; got {center!r}")
-    if _is_previous(center) and "center" not in inspect.signature(aggregators.get(rule).fn).parameters:
+    if is_previous(center) and "center" not in inspect.signature(aggregators.get(rule).fn).parameters:
         raise ValueError(f"{where}.center='previous' needs a rule with a center argument; {rule!r} has none")
 
 
@@ -226,14 +239,19 @@ def _drop_rows(cfg: StepConfig, stack, key):
     return jnp.where(missing[:, None], jnp.nan, stack)
 
 
-def _gradient_attack(cfg: StepConfig, stack, key, prev_agg=None, offset=0):
+def attacked_stack(cfg: StepConfig, stack, key, rule_state=(), offset=0):
+    """The stack the aggregator receives: the last f rows of the (p, D) ``stack`` (or of a (p, D/n)
+    coordinate slice starting at global column ``offset``) replaced by ``cfg.attack``'s rows, crafted
+    from the first p - f (honest) rows with ``key`` (the step's attack key). An optimal attack that
+    simulates a rule centred on the previous aggregate gets the defence's ``rule_state`` center.
+    Data-level attacks and f = 0 leave the stack as is."""
     if cfg.attack in DATA_ATTACKS or cfg.num_byzantine == 0:
         return stack
     f = cfg.num_byzantine
     honest = stack[: cfg.num_workers - f]
     hp = dict(cfg.attack_hparams)
     if hp.get("rule_hparams"):  # an optimal attack simulates the rule, previous center included
-        hp["rule_hparams"] = _with_previous_center(dict(hp["rule_hparams"]), prev_agg)
+        hp["rule_hparams"] = _with_rule_center(dict(hp["rule_hparams"]), rule_state)
     byz = attacks.attack(cfg.attack, honest, f=f, key=key, offset=offset, **hp)
     return jnp.concatenate([honest, byz.astype(stack.dtype)])
 
@@ -257,16 +275,20 @@ def _sharded_aggregate(cfg: StepConfig, slices, key):
     return rule.fn(clean if rule.sanitize else slices, f=f, key=key, **hp), {}
 
 
-def _server_aggregate(cfg: StepConfig, stack, key, prev_agg=None):
+def _server_aggregate(cfg: StepConfig, stack, key, rule_state=()):
+    """(aggregate, new rule state, info) of the whole (p, D) stack."""
     rule, pre = aggregators.parse_spec(cfg.rule)
-    hp = _with_previous_center(dict(cfg.rule_hparams), prev_agg)
+    hp = dict(cfg.rule_hparams)
     if rule == "flag" and not pre:
         agg, fi = aggregators.flag_with_info(stack, **hp)
         # the paper's Fig. 3 comparison: reconstruction ratios on the (1-D) mean direction
         m = aggregators.mean(stack)
         cos2 = jnp.dot(stack, m) ** 2 / (jnp.einsum("pd,pd->p", stack, stack) * jnp.dot(m, m))
-        return agg, {"ratios": fi.ratios, "status": fi.status, "mean_ratios": jnp.nan_to_num(cos2)}
-    return aggregators.aggregate(cfg.rule, stack, f=cfg.num_byzantine, key=key, **hp), {}
+        return agg, rule_state, {"ratios": fi.ratios, "status": fi.status, "mean_ratios": jnp.nan_to_num(cos2)}
+    agg, rule_state, info = aggregators.aggregate_update(
+        cfg.rule, stack, rule_state, f=cfg.num_byzantine, key=key, **hp
+    )
+    return agg, rule_state, info
 
 
 def _merged(static: tuple, traced: dict | None) -> tuple:
@@ -358,7 +380,7 @@ def build_step(
         rows = jnp.pad(rows, ((0, 0), (0, n * Ds - D)))
         slices = lax.all_to_all(rows, AXIS, split_axis=1, concat_axis=0, tiled=True)  # (p, Ds)
         keys = step_keys(key)  # the same keys on every device
-        slices = _gradient_attack(scfg, slices, keys["attack"], offset=lax.axis_index(AXIS) * Ds)
+        slices = attacked_stack(scfg, slices, keys["attack"], offset=lax.axis_index(AXIS) * Ds)
         slices = _drop_rows(cfg, slices, keys["drop"])  # same mask on every device
         agg_slice, info = _sharded_aggregate(scfg, slices, keys["rule"])
         agg = lax.all_gather(agg_slice, AXIS, tiled=True)[:D]
@@ -398,19 +420,19 @@ def build_step(
             # gather to the server(s) (a no-op on one device)
             stack = rows if n == 1 else lax.with_sharding_constraint(rows, replicated)
             keys = step_keys(key)
-            stack = _gradient_attack(scfg, stack, keys["attack"], state.prev_agg)
+            stack = attacked_stack(scfg, stack, keys["attack"], state.rule_state)
             stack = _drop_rows(cfg, stack, keys["drop"])
-            agg, info = _server_aggregate(scfg, stack, keys["rule"], state.prev_agg)
+            agg, rule_state, info = _server_aggregate(scfg, stack, keys["rule"], state.rule_state)
         else:
             agg, loss, acc, stats_w, mom, info = mapped(
                 state.params, state.batch_stats, state.worker_mom, x, y, key, hp
             )
+            rule_state = state.rule_state  # sharded rules are stateless (resolve_layout)
         stats = jax.tree.map(lambda s: jnp.mean(s, axis=0), stats_w)
         grads = unravel(agg.astype(jnp.float32))
         updates, opt_state = make_tx(hp.get("opt", {})).update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        prev = agg.astype(jnp.float32) if uses_previous_center(cfg) else state.prev_agg
-        new = TrainState(state.step + 1, params, stats, opt_state, mom, state.key, prev)
+        new = TrainState(state.step + 1, params, stats, opt_state, mom, state.key, rule_state)
         metrics = {"loss": loss, "accuracy": acc, "agg_norm": jnp.linalg.norm(agg), **info}
         # replicated, so every process (multi-host) can read them
         if n > 1:
@@ -424,15 +446,21 @@ def build_step(
     return jax.jit(step, donate_argnums=(0,)), layout, why
 
 
-def init_worker_momentum(cfg: StepConfig, params_template, mesh) -> jax.Array:
-    """(p, D) zeros sharded along workers (an unused (p, 1) placeholder when worker momentum is off:
-    orbax cannot checkpoint zero-size arrays)."""
+def init_worker_momentum(cfg: StepConfig, params_template, mesh=None):
+    """(p, D) float32 zeros, the per-worker momentum before step 0 (an unused (p, 1) placeholder when
+    worker momentum is off: orbax cannot checkpoint zero-size arrays). With ``mesh``, a global array
+    sharded along workers; without, host (numpy) zeros for the caller to place."""
     D = ravel_pytree(params_template)[0].shape[0] if cfg.worker_momentum > 0 else 1
-    return jax.device_put(np.zeros((cfg.num_workers, D), np.float32), NamedSharding(mesh, P(AXIS)))
+    zeros = np.zeros((cfg.num_workers, D), np.float32)
+    if mesh is None:
+        return zeros
+    return jax.device_put(zeros, NamedSharding(mesh, P(AXIS)))
 
 
-def init_prev_aggregate(cfg: StepConfig, params_template, mesh) -> jax.Array:
-    """(D,) replicated zeros: the "previous aggregate" of step 0 when the rule is centred on it
-    (:func:`uses_previous_center`); an unused (1,) placeholder otherwise."""
-    D = ravel_pytree(params_template)[0].shape[0] if uses_previous_center(cfg) else 1
-    return jax.device_put(np.zeros((D,), np.float32), NamedSharding(mesh, P()))
+def init_rule_state(cfg: StepConfig, params_template) -> Any:
+    """The rule's state before step 0 (``Rule.init`` for a (D,) float32 example): e.g. a zero
+    :class:`flagjax.aggregators.CenterState` for centered clipping centred on its previous aggregate;
+    ``()`` for stateless rules."""
+    D = ravel_pytree(params_template)[0].shape[0]
+    example = jax.ShapeDtypeStruct((D,), jnp.float32)
+    return aggregators.init_state(cfg.rule, example, **dict(cfg.rule_hparams))

@@ -565,9 +565,9 @@ def setup(cfg: TrainConfig, dataset: data.Dataset | None = None, *, runs=None) -
                 params=params,
                 batch_stats=variables.get("batch_stats", {}),
                 opt_state=make_tx(opt).init(params),
-                worker_mom=parallel.init_worker_momentum(scfg, params, mesh),
+                worker_mom=parallel.init_worker_momentum(scfg, params),  # host zeros, placed below
                 key=jax.random.key_data(jax.random.key(run.seed + 1)),
-                prev_agg=parallel.init_prev_aggregate(scfg, params, mesh),
+                rule_state=parallel.init_rule_state(scfg, params),
             )
         )
         hps.append({"opt": opt, **_traced_hparams(cfg, run)})
@@ -596,6 +596,19 @@ def enable_compilation_cache(path: str | os.PathLike) -> None:
     jax.config.update("jax_compilation_cache_dir", str(path))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
+
+
+def _fetch(tree):
+    """Host copies of a pytree of arrays; in a multi-process run an array sharded over devices of other
+    processes (the per-worker momentum) is gathered from every process first."""
+    from jax.experimental import multihost_utils
+
+    def one(a):
+        if isinstance(a, jax.Array) and not a.is_fully_addressable and not a.is_fully_replicated:
+            return np.asarray(multihost_utils.process_allgather(a, tiled=True))
+        return jax.device_get(a)
+
+    return jax.tree.map(one, tree)
 
 
 def _is_trace_error(err: Exception) -> bool:
@@ -666,9 +679,12 @@ def _train_chunk(cfg, chunk, ckpt_dir, on_step, on_eval, dataset) -> list[RunRes
     if cfg.resume and ckpt is not None and ckpt.latest_step() is not None:
         import orbax.checkpoint as ocp
 
-        abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), state)
+        rep = NamedSharding(su.mesh, P())  # one-device runs keep host arrays (uncommitted) until the first step
+        abstract = jax.tree.map(
+            lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=getattr(a, "sharding", rep)), state
+        )
         state = ckpt.restore(ckpt.latest_step(), args=ocp.args.StandardRestore(abstract))
-        start_step = int(np.asarray(jax.device_get(state.step))[0])
+        start_step = int(np.asarray(_fetch(state.step))[0])
         for i, path in enumerate(paths):
             mp = path / "metrics.jsonl"
             if mp.exists():
@@ -725,7 +741,7 @@ def _train_chunk(cfg, chunk, ckpt_dir, on_step, on_eval, dataset) -> list[RunRes
                     rec["mean_ratios"] = [round(float(v), 6) for v in m["mean_ratios"][i]]
                 recs.append(rec)
             if evals:
-                params_h, stats_h = jax.device_get((state.params, state.batch_stats))
+                params_h, stats_h = _fetch((state.params, state.batch_stats))
                 test = evaluate(model, params_h, stats_h, ds.test_x, ds.test_y, limit=cfg.eval_examples)
                 for i, rec in enumerate(recs):
                     rec["test_loss"], rec["test_accuracy"] = test[i]
@@ -752,7 +768,7 @@ def _train_chunk(cfg, chunk, ckpt_dir, on_step, on_eval, dataset) -> list[RunRes
         ckpt.save(cfg.steps, args=ocp.args.StandardSave(state), force=True)
         ckpt.wait_until_finished()
         ckpt.close()
-    host = jax.device_get(state)
+    host = _fetch(state)
     results = []
     for i, (name, run) in enumerate(su.runs):
         one = jax.tree.map(lambda a, i=i: a[i], host)

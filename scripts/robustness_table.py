@@ -1,15 +1,12 @@
 """Write docs/robustness.md: every rule x hostile input kind x f -> pass/fail (tests/robustness_matrix.py).
 
-Usage: python scripts/robustness_table.py [--out docs/robustness.md]
+Usage (from the repository root): python -m scripts.robustness_table [--out docs/robustness.md]
 """
 
 import argparse
 import os
-import sys
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
-
-import robustness_matrix as rm  # noqa: E402
+from tests import robustness_matrix as rm
 
 
 def main(argv=None):
@@ -22,7 +19,7 @@ def main(argv=None):
     lines = [
         "# Robustness matrix",
         "",
-        "Produced by `python scripts/robustness_table.py` (the same cells are asserted in tests/test_robustness.py).",
+        "Produced by `python -m scripts.robustness_table` (the same cells are asserted in tests/test_robustness.py).",
         "",
         rm.__doc__.strip().split("\n\n", 1)[1],
         "",

@@ -1,8 +1,6 @@
 import os
-import sys
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
-sys.path.insert(0, os.path.dirname(__file__))
 
 import jax  # noqa: E402
 import pytest  # noqa: E402

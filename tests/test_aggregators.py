@@ -5,11 +5,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from reference import dense_flag_median, released_code_flag
 
 import flagjax
 from flagjax import aggregators, attacks
 from flagjax.solver import FlagStatus
+from tests.reference import dense_flag_median, released_code_flag
 
 
 def _honest(rng, h, d):

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from flagjax import data
+from tests.helpers import write_idx_set
 
 
 def test_idx_roundtrip(tmp_path):
@@ -39,23 +40,14 @@ def test_idx_errors_name_the_file(tmp_path):
         data.read_idx(tmp_path / "bad.gz")
 
 
-def _write_set(folder, n_train=30, n_test=10, mismatch=False):
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(1)
-    data.write_idx(folder / "train-images-idx3-ubyte.gz", rng.integers(0, 256, (n_train, 28, 28), dtype=np.uint8))
-    data.write_idx(folder / "train-labels-idx1-ubyte.gz", rng.integers(0, 10, n_train + mismatch).astype(np.uint8))
-    data.write_idx(folder / "t10k-images-idx3-ubyte.gz", rng.integers(0, 256, (n_test, 28, 28), dtype=np.uint8))
-    data.write_idx(folder / "t10k-labels-idx1-ubyte.gz", rng.integers(0, 10, n_test).astype(np.uint8))
-
-
 def test_load_from_data_dir_and_env(tmp_path, monkeypatch):
-    _write_set(tmp_path / "set")
+    write_idx_set(tmp_path / "set")
     ds = data.load_dataset("fashion_mnist", tmp_path / "set")
     assert ds.train_x.shape == (30, 28, 28, 1) and ds.train_x.dtype == np.float32
     assert ds.train_x.max() <= 1 and ds.test_y.shape == (10,)
     monkeypatch.setenv("FLAGJAX_DATA_DIR", str(tmp_path / "set"))
     assert data.load_dataset("mnist").train_x.shape == (30, 28, 28, 1)
-    _write_set(tmp_path / "bad", mismatch=True)
+    write_idx_set(tmp_path / "bad", mismatch=True)
     with pytest.raises(data.DataError, match="30 images but 31 labels"):
         data.load_dataset("fashion_mnist", tmp_path / "bad")
 

@@ -11,11 +11,10 @@ import time
 import jax
 import numpy as np
 import pytest
-from test_data import _write_set
-from test_multiprocess import _env, _free_port
-from test_train import DS, _cfg
 
 from flagjax import train
+from tests.helpers import DS, free_port, subprocess_env, write_idx_set
+from tests.helpers import small_config as _cfg
 
 
 def _flat(tree):
@@ -49,11 +48,13 @@ def _cli(tmp_path, out, *extra):
 
 @pytest.mark.timeout(300)
 def test_kill_9_then_resume_equals_uninterrupted(tmp_path):
-    _write_set(tmp_path / "data", n_train=200, n_test=40)
-    full = subprocess.run(_cli(tmp_path, tmp_path / "full"), env=_env(1), capture_output=True, text=True, timeout=200)
+    write_idx_set(tmp_path / "data", n_train=200, n_test=40)
+    full = subprocess.run(
+        _cli(tmp_path, tmp_path / "full"), env=subprocess_env(1), capture_output=True, text=True, timeout=200
+    )
     assert full.returncode == 0, full.stderr[-2000:]
     out = tmp_path / "crash"
-    proc = subprocess.Popen(_cli(tmp_path, out, "checkpoint_every=5"), env=_env(1), stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(_cli(tmp_path, out, "checkpoint_every=5"), env=subprocess_env(1), stderr=subprocess.DEVNULL)
     ckpts = out / "checkpoints"
     deadline = time.time() + 150
     while time.time() < deadline:  # wait for the second checkpoint, then kill -9 mid-run
@@ -65,7 +66,7 @@ def test_kill_9_then_resume_equals_uninterrupted(tmp_path):
     assert proc.returncode == -signal.SIGKILL
     resumed = subprocess.run(
         _cli(tmp_path, out, "checkpoint_every=5", "resume=true"),
-        env=_env(1),
+        env=subprocess_env(1),
         capture_output=True,
         text=True,
         timeout=200,
@@ -125,14 +126,14 @@ def test_stragglers_are_treated_as_byzantine(tmp_path, layout):
 def test_dead_peer_process_fails_fast(tmp_path):
     """Kill one of two processes mid-run: the other exits non-zero within a bounded time (no hang),
     saying that a peer died (--heartbeat-timeout=5 bounds the detection)."""
-    _write_set(tmp_path / "data", n_train=400, n_test=40)
-    port = _free_port()
+    write_idx_set(tmp_path / "data", n_train=400, n_test=40)
+    port = free_port()
     cmd = _cli(tmp_path, tmp_path / "mp", "num_workers=4", "steps=100000", "eval_every=0")
     procs = [
         subprocess.Popen(
             cmd
             + [f"--coordinator=127.0.0.1:{port}", "--num-processes=2", f"--process-id={i}", "--heartbeat-timeout=5"],
-            env=_env(2),
+            env=subprocess_env(2),
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             text=True,

@@ -1,30 +1,13 @@
 """Multi-process JAX on one machine: two processes, loopback coordinator, CPU collectives."""
 
 import json
-import os
-import socket
 import subprocess
 import sys
 
 import numpy as np
 import pytest
-from test_data import _write_set
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _env(devices):
-    env = dict(os.environ)
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
-    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-    env.pop("FLAGJAX_DATA_DIR", None)
-    return env
+from tests.helpers import free_port, subprocess_env, write_idx_set
 
 
 def _args(tmp_path, out, layout):
@@ -51,19 +34,23 @@ def _metrics(path):
 @pytest.mark.timeout(240)
 @pytest.mark.parametrize("layout", ["server", "sharded"])
 def test_two_processes_match_one(tmp_path, layout):
-    _write_set(tmp_path / "data", n_train=200, n_test=40)
+    write_idx_set(tmp_path / "data", n_train=200, n_test=40)
     cmd = [sys.executable, "-m", "flagjax.cli", "train"]
     single = subprocess.run(
-        cmd + _args(tmp_path, tmp_path / "single", layout), env=_env(4), capture_output=True, text=True, timeout=180
+        cmd + _args(tmp_path, tmp_path / "single", layout),
+        env=subprocess_env(4),
+        capture_output=True,
+        text=True,
+        timeout=180,
     )
     assert single.returncode == 0, single.stderr[-2000:]
-    port = _free_port()
+    port = free_port()
     procs = [
         subprocess.Popen(
             cmd
             + _args(tmp_path, tmp_path / "multi", layout)
             + [f"--coordinator=127.0.0.1:{port}", "--num-processes=2", f"--process-id={i}"],
-            env=_env(2),
+            env=subprocess_env(2),
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,

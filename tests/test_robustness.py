@@ -4,12 +4,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import robustness_matrix as rm
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import flagjax
 from flagjax import aggregators
+from tests import robustness_matrix as rm
 
 CELLS = [(n, k, f) for n in aggregators.names() for k in rm.KINDS for f in rm.f_values(n)]
 

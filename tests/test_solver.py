@@ -5,10 +5,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from reference import dense_flag_median, projector_distance
 
 from flagjax import solver
 from flagjax.solver import FlagStatus, flag_median
+from tests.reference import dense_flag_median, projector_distance
 
 
 def _points(rng, p, d, spread=1.0):

@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import re
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -12,26 +13,8 @@ import pytest
 from jax.flatten_util import ravel_pytree
 
 from flagjax import aggregators, cli, data, models, parallel, train
-
-DS = data.synthetic_dataset(n_train=1200, n_test=300)  # learnable in a few steps
-
-
-def _cfg(tmp_path, **kw):
-    base = dict(
-        model="mlp",
-        num_workers=8,
-        num_byzantine=2,
-        attack="alie",
-        rule="flag",
-        batch_size=8,
-        steps=4,
-        eval_every=2,
-        log_every=1,
-        lr=0.05,
-        out_dir=str(tmp_path / "run"),
-    )
-    base.update(kw)
-    return train.TrainConfig(**base)
+from tests.helpers import DS
+from tests.helpers import small_config as _cfg
 
 
 def test_per_worker_gradients_are_per_worker():
@@ -60,7 +43,7 @@ def test_per_worker_gradients_are_per_worker():
             tx.init(params),
             parallel.init_worker_momentum(cfg, params, mesh),
             jax.random.key_data(jax.random.key(0)),
-            parallel.init_prev_aggregate(cfg, params, mesh),
+            parallel.init_rule_state(cfg, params),
         )
         jax.block_until_ready(step(state, jnp.asarray(x), jnp.asarray(y), {}))
     finally:
@@ -77,17 +60,18 @@ def test_per_worker_gradients_are_per_worker():
 
 
 def test_centered_clipping_is_centred_on_the_previous_aggregate(tmp_path):
-    """rule_hparams center='previous': step t's rule sees step t-1's aggregate as its center (zeros at
-    step 0)."""
+    """rule_hparams center='previous': the rule's state carries step t-1's aggregate, which centres step t
+    (zeros at step 0). The spy wraps the registered rule's own init/update and records what it sees."""
     from flagjax.aggregators import distance
 
     seen = []
+    cc = aggregators.get("centered_clipping")
 
-    def spy(stack, *, f=0, key=None, center=None, tau=1.0, iters=1):
-        jax.debug.callback(lambda s, c: seen.append((np.asarray(s), np.asarray(c))), stack, center)
-        return distance.centered_clipping(stack, center=center, tau=tau, iters=iters)
+    def spy(stack, state, *, f, key, **hp):
+        jax.debug.callback(lambda s, c: seen.append((np.asarray(s), np.asarray(c))), stack, state.center)
+        return cc.update(stack, state, f=f, key=key, **hp)
 
-    aggregators.register(aggregators.Rule("_spy_cc", spy, sanitize=False))
+    aggregators.register(aggregators.Rule("_spy_cc", distance.centered_clipping, init=cc.init, update=spy))
     try:
         cfg = _cfg(tmp_path, rule="_spy_cc", rule_hparams={"tau": 0.05, "center": "previous"}, attack="random")
         su = train.setup(dataclasses.replace(cfg, num_devices=1), dataset=DS)
@@ -95,7 +79,7 @@ def test_centered_clipping_is_centred_on_the_previous_aggregate(tmp_path):
         aggs = []
         for k in range(3):
             state, _ = su.step(state, *su.batch(k))
-            aggs.append(np.asarray(state.prev_agg)[0])  # the batch of one run
+            aggs.append(np.asarray(state.rule_state.center)[0])  # the rule's state; the batch of one run
     finally:
         aggregators.unregister("_spy_cc")
     assert len(seen) == 3
@@ -128,7 +112,7 @@ def test_optimal_attack_sees_the_previous_center():
         attack_hparams=(("rule", "centered_clipping"), ("rule_hparams", {**hp, "center": "previous"})),
     )
     key = jax.random.key(3)
-    got = parallel._gradient_attack(cfg, stack, key, prev)
+    got = parallel.attacked_stack(cfg, stack, key, aggregators.CenterState(prev))
     want = attacks.attack(
         "optimal_alie", stack[:6], f=2, key=key, rule="centered_clipping", rule_hparams={**hp, "center": prev}
     )
@@ -138,11 +122,43 @@ def test_optimal_attack_sees_the_previous_center():
 
 
 def test_array_center_is_passed_as_is():
-    """A fixed (D,) array as center is not mistaken for "previous" (no elementwise comparison)."""
-    cfg = parallel.StepConfig(num_workers=4, rule="centered_clipping", rule_hparams=(("center", np.zeros(3)),))
+    """A fixed (D,) array as center is not mistaken for "previous" (no elementwise comparison): the rule
+    stays stateless and centres on the array."""
+    from flagjax.aggregators import distance
+
+    center = np.full(3, 0.5, np.float32)
+    cfg = parallel.StepConfig(num_workers=4, rule="centered_clipping", rule_hparams=(("center", center),))
     assert not parallel.uses_previous_center(cfg)
-    prev = jnp.ones(3)
-    assert parallel._with_previous_center(dict(cfg.rule_hparams), prev)["center"] is cfg.rule_hparams[0][1]
+    example = jax.ShapeDtypeStruct((3,), jnp.float32)
+    assert aggregators.init_state("centered_clipping", example, center=center) == ()
+    stack = jnp.asarray(np.random.default_rng(0).normal(size=(4, 3)), jnp.float32)
+    agg, state, _ = aggregators.aggregate_update("centered_clipping", stack, (), f=1, key=None, center=center, tau=0.1)
+    assert state == ()
+    np.testing.assert_allclose(agg, distance.centered_clipping(stack, center=center, tau=0.1), rtol=1e-6)
+
+
+def test_user_rule_with_state_trains_and_checkpoints(tmp_path):
+    """A user's own stateful rule (registered, never named in parallel.py) carries its state through
+    training and a checkpoint: here a rule that counts its rounds and averages the rows."""
+
+    class Count(NamedTuple):
+        rounds: jax.Array
+
+    def update(stack, state, *, f, key, **hp):
+        return stack.mean(0), Count(state.rounds + 1), {}
+
+    rule = aggregators.Rule(
+        "_counting_mean", lambda s, **k: s.mean(0), init=lambda ex, **hp: Count(jnp.int32(0)), update=update
+    )
+    aggregators.register(rule)
+    try:
+        assert rule.stateful and not aggregators.get("mean").stateful
+        res = train.run(_cfg(tmp_path, rule="_counting_mean", steps=5, checkpoint_every=2), dataset=DS)
+        assert int(res.state.rule_state.rounds) == 5
+        resumed = train.run(_cfg(tmp_path, rule="_counting_mean", steps=7, resume=True), dataset=DS)
+        assert int(resumed.state.rule_state.rounds) == 7
+    finally:
+        aggregators.unregister("_counting_mean")
 
 
 def test_previous_center_needs_a_rule_with_a_center(tmp_path):

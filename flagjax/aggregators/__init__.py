@@ -24,13 +24,18 @@ from flagjax.aggregators.basic import (
     mean,
     normalized_mean,
 )
+from flagjax.aggregators.distance import CenterState
 from flagjax.aggregators.registry import (
+    PRE_AGGREGATORS,
+    RULES,
     PreAggregator,
     Rule,
     aggregate,
+    aggregate_update,
     flatten_stack,
     get,
     get_pre,
+    init_state,
     names,
     parse_spec,
     pre_names,
@@ -41,6 +46,11 @@ from flagjax.aggregators.registry import (
 )
 
 __all__ = [
+    "PRE_AGGREGATORS",
+    "RULES",
+    "aggregate_update",
+    "init_state",
+    "CenterState",
     "FLAG_OUTPUTS",
     "FlagInfo",
     "PreAggregator",

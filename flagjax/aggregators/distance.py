@@ -233,10 +233,10 @@ def geomed(stack, **kwargs):
 
 def centered_clipping(stack, *, f: int = 0, key=None, center=None, tau=100.0, iters: int = 1):
     """Centered clipping (Karimireddy, He, Jaggi, ICML 2021): v <- v + (1/p) sum_i clip_tau(g_i - v),
-    ``iters`` times from ``center`` (a (d,) vector; default zeros, as ByzFL). In training,
-    ``rule_hparams={"center": "previous"}`` centres it on the previous step's aggregate, as Karimireddy
-    et al. run it (``flagjax.parallel.TrainState.prev_agg``). clip_tau(u) = u * min(1, tau / ||u||).
-    (p, d) -> (d,).
+    ``iters`` times from ``center`` (a (d,) vector; default zeros, as ByzFL). With
+    ``center="previous"`` the registered rule is stateful: its state (:class:`CenterState`) holds the
+    previous round's aggregate, which centres the next round, as Karimireddy et al. run it (zeros before
+    the first round). clip_tau(u) = u * min(1, tau / ||u||). (p, d) -> (d,).
 
     v stays alpha * center + c @ stack. Few iterations (<= 2) run in d-space (two passes over the
     stack each); more run in Gram space (one Gram product, then O(p^2) per iteration).
@@ -331,6 +331,38 @@ register(Rule("krum", krum, _krum_max, "p >= 2f + 3", sanitize=False))
 register(Rule("multi_krum", multi_krum, _krum_max, "p >= 2f + 3", sanitize=False))
 register(Rule("bulyan", bulyan, lambda p: max((p - 3) // 4, 0), "p >= 4f + 3", sanitize=False))
 register(Rule("geomed", geomed, _half, "p > 2f", sanitize=False))
-register(Rule("centered_clipping", centered_clipping, _half, "p > 2f", sanitize=False))
+
+
+class CenterState(NamedTuple):
+    """State of centered clipping centred on its previous aggregate: ``center`` (d,) float32."""
+
+    center: jax.Array
+
+
+def is_previous(center) -> bool:
+    """Whether ``center`` is the string "previous" (an array center is compared by identity, never elementwise)."""
+    return isinstance(center, str) and center == "previous"
+
+
+def _cc_init(example, *, center=None, **hparams):
+    """CenterState(zeros) for ``center="previous"``; ``()`` (stateless) otherwise."""
+    del hparams
+    if is_previous(center):
+        return CenterState(jnp.zeros(example.shape, jnp.float32))
+    return ()
+
+
+def _cc_update(stack, state, *, f, key, center=None, **hparams):
+    if isinstance(state, CenterState):
+        agg = centered_clipping(stack, f=f, key=key, center=state.center, **hparams)
+        return agg, CenterState(agg.astype(jnp.float32)), {}
+    if isinstance(center, str):
+        raise ValueError(f"center must be 'previous' or a (d,) array; got {center!r}")
+    return centered_clipping(stack, f=f, key=key, center=center, **hparams), state, {}
+
+
+register(
+    Rule("centered_clipping", centered_clipping, _half, "p > 2f", sanitize=False, init=_cc_init, update=_cc_update)
+)
 register(Rule("mda", mda, _half, "p > 2f", sanitize=False))
 register(Rule("monna", monna, _half, "p > 2f", sanitize=False))

@@ -19,6 +19,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from flagjax.registry import Registry
+
 __all__ = [
     "Rule",
     "PreAggregator",
@@ -30,6 +32,10 @@ __all__ = [
     "register",
     "register_pre",
     "unregister",
+    "init_state",
+    "aggregate_update",
+    "RULES",
+    "PRE_AGGREGATORS",
     "flatten_stack",
     "sanitize_rows",
     "parse_spec",
@@ -38,6 +44,11 @@ __all__ = [
 
 def _any_f(p: int) -> int:
     return p - 1
+
+
+def _stateless_init(example, **hparams):
+    del example, hparams
+    return ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,6 +70,12 @@ class Rule:
         marks the finite ones) and the aggregate ``sum_i c_i g_i``. The sharded layout psums partial
         Gram matrices, calls it, and applies ``c`` to its slice (docs/design.md section 3).
       needs_key: whether the output depends on ``key`` (randomised rules).
+      init: ``init(example, **hp) -> state``, the rule's state before the first round (optax-style;
+        ``example`` a (d,) array or ``jax.ShapeDtypeStruct``). Default: ``()`` (stateless).
+      update: ``update(stack, state, *, f, key, **hp) -> (aggregate (d,), state, info dict)``, one round.
+        Default: ``(fn(stack, ...), state, {})``. A stateful rule (centered clipping centred on its
+        previous aggregate) keeps what it carries from round to round here; the training step stores
+        the state in ``TrainState.rule_state`` and checkpoints it.
 
     The sharded layout can run a rule when it is ``coordinatewise`` or has a ``gram`` form; the
     capability lives here, not in a list of names elsewhere.
@@ -72,6 +89,24 @@ class Rule:
     coordinatewise: bool = False
     gram: Callable[..., tuple[jax.Array, dict]] | None = None
     needs_key: bool = False
+    init: Callable[..., Any] | None = None
+    update: Callable[..., tuple[jax.Array, Any, dict]] | None = None
+
+    def __post_init__(self):
+        if self.init is None:
+            object.__setattr__(self, "init", _stateless_init)
+        if self.update is None:
+            fn = self.fn
+
+            def update(stack, state, *, f, key, **hp):
+                return fn(stack, f=f, key=key, **hp), state, {}
+
+            object.__setattr__(self, "update", update)
+
+    @property
+    def stateful(self) -> bool:
+        """Whether the rule defines its own ``init`` (it may still return ``()`` for some hyperparameters)."""
+        return self.init is not _stateless_init
 
     def check_f(self, f, p: int) -> None:
         """Raise ``ValueError`` unless ``0 <= f <= max_f(p)`` (the one place the limit is checked)."""
@@ -93,62 +128,46 @@ class PreAggregator:
     requirement: str = "0 <= f < p"
 
 
-_REGISTRY: dict[str, Rule] = {}
-_PRE: dict[str, PreAggregator] = {}
+RULES: Registry[Rule] = Registry("aggregation rule")
+PRE_AGGREGATORS: Registry[PreAggregator] = Registry("pre-aggregator")
+RULES.share_names_with(PRE_AGGREGATORS)  # rules and pre-aggregators compose by name ("nnm+krum")
+PRE_AGGREGATORS.share_names_with(RULES)
 
 
 def register(rule: Rule) -> Rule:
-    """Add ``rule`` to the registry (a new name only) and return it."""
-    if rule.name in _REGISTRY or rule.name in _PRE:
-        raise ValueError(f"rule {rule.name!r} is already registered")
-    _REGISTRY[rule.name] = rule
-    return rule
-
-
-def unregister(name: str) -> None:
-    """Remove the rule or pre-aggregator ``name`` (users' own rules, e.g. in tests); ``KeyError`` if unknown."""
-    if name in _REGISTRY:
-        del _REGISTRY[name]
-    elif name in _PRE:
-        del _PRE[name]
-    else:
-        raise KeyError(f"unknown rule or pre-aggregator name={name!r}")
+    """Add ``rule`` to the registry (a new name only) and return it. Users' own rules, stateful or
+    not, register the same way and train like the built-in ones."""
+    return RULES.register(rule.name, rule)
 
 
 def register_pre(pre: PreAggregator) -> PreAggregator:
     """Add a pre-aggregator to the registry (a new name only) and return it."""
-    if pre.name in _PRE or pre.name in _REGISTRY:
-        raise ValueError(f"pre-aggregator {pre.name!r} is already registered")
-    _PRE[pre.name] = pre
-    return pre
+    return PRE_AGGREGATORS.register(pre.name, pre)
+
+
+def unregister(name: str) -> None:
+    """Remove the rule or pre-aggregator ``name`` (users' own ones, e.g. in tests); ``KeyError`` if unknown."""
+    (PRE_AGGREGATORS if name in PRE_AGGREGATORS else RULES).unregister(name)
 
 
 def names() -> tuple[str, ...]:
     """Names of all registered rules, sorted."""
-    return tuple(sorted(_REGISTRY))
+    return RULES.names()
 
 
 def pre_names() -> tuple[str, ...]:
     """Names of all registered pre-aggregators, sorted."""
-    return tuple(sorted(_PRE))
+    return PRE_AGGREGATORS.names()
 
 
 def get(name: str) -> Rule:
     """The :class:`Rule` called ``name``; ``KeyError`` naming the known rules otherwise."""
-    try:
-        return _REGISTRY[name]
-    except (KeyError, TypeError):
-        raise KeyError(f"unknown aggregation rule name={name!r}; known rules: {', '.join(names())}") from None
+    return RULES.get(name)
 
 
 def get_pre(name: str) -> PreAggregator:
     """The :class:`PreAggregator` called ``name``; ``KeyError`` naming the known ones otherwise."""
-    try:
-        return _PRE[name]
-    except (KeyError, TypeError):
-        raise KeyError(
-            f"unknown pre-aggregator name={name!r}; known pre-aggregators: {', '.join(pre_names())}"
-        ) from None
+    return PRE_AGGREGATORS.get(name)
 
 
 def parse_spec(spec: str) -> tuple[str, tuple[str, ...]]:
@@ -265,4 +284,31 @@ def aggregate(
     rule.check_f(f, stack.shape[0])
     if rule.sanitize:
         stack = sanitize_rows(stack)
-    return unflatten(rule.fn(stack, f=int(f), key=key, **hparams))
+    state = rule.init(jax.ShapeDtypeStruct(stack.shape[1:], stack.dtype), **hparams)
+    agg, _, _ = rule.update(stack, state, f=int(f), key=key, **hparams)
+    return unflatten(agg)
+
+
+def init_state(name: str, example, **hparams) -> Any:
+    """The state of rule spec ``name`` (``"nnm+centered_clipping"``: its final rule's) before the first
+    round, for a (d,) ``example``; ``()`` for stateless rules."""
+    rule_name, _ = parse_spec(name)
+    return get(rule_name).init(example, **hparams)
+
+
+def aggregate_update(
+    name: str, stack: jax.Array, state: Any, *, f: int, key: jax.Array, **hparams
+) -> tuple[jax.Array, Any, dict]:
+    """One round of rule spec ``name`` with state: ``(aggregate (d,), new state, info)`` for a (p, d)
+    ``stack`` (pre-aggregators, which keep no state, run first). :func:`aggregate` is this with the
+    state from :func:`init_state`, for one round."""
+    rule_name, pre = parse_spec(name)
+    rule = get(rule_name)
+    for i, pname in enumerate(pre):
+        pa = get_pre(pname)
+        _check_f(f, stack.shape[0], f"pre-aggregator {pa.name!r}", pa.max_f(stack.shape[0]), pa.requirement)
+        stack = pa.fn(sanitize_rows(stack), f=int(f), key=jax.random.fold_in(key, i + 1))
+    rule.check_f(f, stack.shape[0])
+    if rule.sanitize:
+        stack = sanitize_rows(stack)
+    return rule.update(stack, state, f=int(f), key=key, **hparams)
