@@ -12,10 +12,10 @@ import numpy as np
 
 from experiments import attack_heatmap, common
 
-# cells where a difference would show: FA and its ablation under noise and a crafted attack, a selection
-# rule under noise and under min-max (where it collapses), and the mean (a control that collapses)
-ROWS = ("flag", "normalized_mean", "multi_krum", "mean")
-COLS = ("random", "alie", "minmax")
+# FA, its ablation and a selection rule, under noise (whose draws changed with the keys) and under a
+# crafted attack (which draws nothing): 6 cells x 3 seeds, about 15 minutes on the 2-core CPU
+ROWS = ("flag", "normalized_mean", "multi_krum")
+COLS = ("random", "alie")
 
 
 def main(argv=None):

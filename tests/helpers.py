@@ -31,6 +31,21 @@ def small_config(tmp_path, **kw) -> train.TrainConfig:
     return train.TrainConfig(**base)
 
 
+class Crash(Exception):
+    """Raised by :func:`crash_at` (a training run dying mid-way)."""
+
+
+def crash_at(step: int):
+    """An ``on_step`` callback that raises :class:`Crash` when ``step`` is done (after its checkpoint
+    would have been written, mid-way through its bookkeeping)."""
+
+    def on_step(done, rec):
+        if done == step:
+            raise Crash
+
+    return on_step
+
+
 def write_idx_set(folder, n_train=30, n_test=10, mismatch=False):
     """Four Fashion-MNIST-shaped IDX files of random images in ``folder`` (one extra train label with
     ``mismatch``)."""

@@ -9,27 +9,14 @@ import pytest
 from jax.flatten_util import ravel_pytree
 
 from flagjax import cli, data, train
-
-DS = data.synthetic_dataset(n_train=1200, n_test=300)
+from tests.helpers import DS, Crash, crash_at, small_config
 
 
 def _cfg(tmp_path, *overrides, **kw):
-    base = dict(
-        model="mlp",
-        num_workers=8,
-        num_byzantine=2,
-        attack="reverse",
-        rule="flag",
-        batch_size=8,
-        steps=4,
-        eval_every=2,
-        log_every=1,
-        lr=0.05,
-        val_fraction=0.1,
-        out_dir=str(tmp_path),
-    )
-    base.update(kw)
-    return train.apply_overrides(train.TrainConfig(**base), list(overrides))
+    """The shared small config with reverse attackers and a validation split (so every run has its own
+    split), then ``field=value`` overrides as on the command line."""
+    kw = {"attack": "reverse", "val_fraction": 0.1, "out_dir": str(tmp_path), **kw}
+    return train.apply_overrides(small_config(tmp_path, **kw), list(overrides))
 
 
 def _params(res):
@@ -100,15 +87,8 @@ def test_a_batch_resumes_exactly(tmp_path):
     full = train.train_and_evaluate(_cfg(tmp_path / "full", "seed=0,1", steps=6), dataset=DS)
     part = _cfg(tmp_path / "part", "seed=0,1", steps=6, checkpoint_every=3)
 
-    class Crash(Exception):
-        pass
-
-    def crash_at_5(step, rec):
-        if step == 5:
-            raise Crash
-
     with pytest.raises(Crash):
-        train.train_and_evaluate(part, dataset=DS, on_step=crash_at_5)
+        train.train_and_evaluate(part, dataset=DS, on_step=crash_at(5))
     resumed = train.train_and_evaluate(dataclasses.replace(part, resume=True), dataset=DS)
     for a, b in zip(full, resumed, strict=True):
         np.testing.assert_array_equal(_params(a), _params(b))

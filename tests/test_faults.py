@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from flagjax import train
-from tests.helpers import DS, free_port, subprocess_env, write_idx_set
+from tests.helpers import DS, Crash, crash_at, free_port, subprocess_env, write_idx_set
 from tests.helpers import small_config as _cfg
 
 
@@ -79,15 +79,8 @@ def test_half_written_checkpoint_is_ignored(tmp_path):
     cfg = _cfg(tmp_path, steps=4, checkpoint_every=2, attack="random")
     full = train.run(_cfg(tmp_path / "full", steps=4, attack="random"), dataset=DS)
 
-    class Crash(Exception):
-        pass
-
-    def crash(step, rec):
-        if step == 3:
-            raise Crash
-
     with pytest.raises(Crash):
-        train.run(cfg, dataset=DS, on_step=crash)
+        train.run(cfg, dataset=DS, on_step=crash_at(3))
     ck = tmp_path / "run" / "checkpoints"
     # what an interrupted orbax save leaves behind: a temporary folder that was never renamed
     junk = ck / "4.orbax-checkpoint-tmp-1234"

@@ -11,28 +11,17 @@ import numpy as np
 import pytest
 from jax.flatten_util import ravel_pytree
 
-from flagjax import attacks, data, parallel, train
+from flagjax import attacks, parallel, train
+from tests.helpers import DS, small_config
 
-DS = data.synthetic_dataset(n_train=1200, n_test=300)
 GRADIENT_ATTACKS = attacks.names()
 ALL_ATTACKS = (*GRADIENT_ATTACKS, *(a for a in parallel.DATA_ATTACKS if a != "none"))
 
 
 def _run(tmp_path, **kw):
-    base = dict(
-        model="mlp",
-        num_workers=8,
-        num_byzantine=2,
-        rule="mean",
-        batch_size=8,
-        steps=3,
-        eval_every=0,
-        log_every=1,
-        lr=0.05,
-        out_dir=str(tmp_path / "_".join(f"{k}{v}" for k, v in sorted(kw.items()))),
-    )
-    base.update(kw)
-    return train.run(train.TrainConfig(**base), dataset=DS)
+    out = tmp_path / "_".join(f"{k}{v}" for k, v in sorted(kw.items()))
+    kw = {"rule": "mean", "steps": 3, "eval_every": 0, **kw}
+    return train.run(small_config(out, **kw), dataset=DS)
 
 
 def _same(a, b, rtol=1e-5, atol=None):

@@ -13,7 +13,7 @@ import pytest
 from jax.flatten_util import ravel_pytree
 
 from flagjax import aggregators, cli, data, models, parallel, train
-from tests.helpers import DS
+from tests.helpers import DS, Crash, crash_at
 from tests.helpers import small_config as _cfg
 
 
@@ -238,15 +238,8 @@ def test_resume_matches_uninterrupted(tmp_path, kw):
     full = train.run(_cfg(tmp_path / "full", steps=6, attack="random", **kw), dataset=DS)
     part = _cfg(tmp_path / "part", steps=6, attack="random", checkpoint_every=3, **kw)
 
-    class Crash(Exception):
-        pass
-
-    def crash_at_5(step, rec):
-        if step == 5:
-            raise Crash
-
     with pytest.raises(Crash):  # dies after the step-3 checkpoint, mid-way through step 5's bookkeeping
-        train.run(part, dataset=DS, on_step=crash_at_5)
+        train.run(part, dataset=DS, on_step=crash_at(5))
     resumed = train.run(dataclasses.replace(part, resume=True), dataset=DS)
     np.testing.assert_array_equal(ravel_pytree(full.params)[0], ravel_pytree(resumed.params)[0])
     a = [json.loads(s) for s in full.metrics_path.read_text().splitlines()]
