@@ -9,7 +9,9 @@ fresh Python process (so nothing is compiled in memory beforehand), timed from t
 its end (imports, data loading, compilation, training and evaluation):
 
 * separate: ``flagjax train seed=S`` three times (three processes, one program each);
-* batch: ``flagjax train seed=0,1,2`` (one process, one program for the three runs);
+* batch: ``flagjax train seed=0,1,2`` (one process, one program for the three runs, vmapped);
+* batch, one at a time: ``... seed=0,1,2 runs_vectorized=1`` (one program, the runs one after the
+  other inside it: ``lax.map``), without the cache only;
 
 each without the persistent compilation cache (today's default: every process compiles), with it cold
 (an empty cache folder at the start: the first process compiles and writes, later separate runs load)
@@ -75,6 +77,8 @@ def main(argv=None):
                 t = _train([*base, "seed=" + ",".join(map(str, seeds))], cache, str(tmp / how))
             times[how, cache_state] = t
             print(f"{how} ({cache_state} cache): {t:.1f} s", flush=True)
+    seq = _train([*base, "seed=" + ",".join(map(str, seeds)), "runs_vectorized=1"], "", str(tmp / "sequential"))
+    print(f"batch, one at a time (no cache): {seq:.1f} s", flush=True)
     cells, runs = _heatmap_programs()
     sep_none = times["separate", "none"]
     cmd = " ".join(["python benchmarks/batch_runs.py", *(argv if argv is not None else sys.argv[1:])])
@@ -94,6 +98,7 @@ def main(argv=None):
         t = [times[how, c] for c in ("none", "cold", "warm")]
         ratios = ", ".join(f"{v / sep_none:.2f}" for v in t)
         lines.append(f"| {how} | {t[0]:.1f} | {t[1]:.1f} | {t[2]:.1f} | {ratios} |")
+    lines.append(f"| batch, one at a time (`runs_vectorized=1`) | {seq:.1f} | | | {seq / sep_none:.2f}, , |")
     lines += [
         "",
         "batch / separate with the same cache state: "

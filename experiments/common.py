@@ -75,6 +75,12 @@ def parse_args(name: str, description: str, argv=None) -> argparse.Namespace:
     ap.add_argument("--out", default=None, help=f"output folder (default experiments/results/{name})")
     ap.add_argument("--rows", default="", help="comma-separated subset of table rows to run (default all)")
     ap.add_argument("--cols", default="", help="comma-separated subset of table columns to run (default all)")
+    ap.add_argument(
+        "--batch",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="train a cell's seeds as one program (auto: on GPU/TPU, off on CPU, where it measured slower)",
+    )
     ap.add_argument("overrides", nargs="*", help="field=value overrides applied to every run")
     args = ap.parse_args(argv)
     args.name = name
@@ -209,19 +215,29 @@ def _record(row: str, col: str, seed: int, hist: list[dict], device: str | None,
 
 def train_batch(cfg: train.TrainConfig) -> tuple[list[train.RunResult], dict]:
     """Train every run of ``cfg`` (batch axes as ``train.Values``) as one program in a scratch folder;
-    return the results and the metadata every run shares (layout, seconds, device, runs in program)."""
+    return the results and the metadata every run shares (layout, seconds, device)."""
     with tempfile.TemporaryDirectory(prefix="flagjax-exp-") as tmp:
         t0 = time.time()
         results = train.train_and_evaluate(cfg, tmp)
         seconds = time.time() - t0
-    meta = {"layout": results[0].layout, "seconds": seconds, "device": device_name(), "runs_in_program": len(results)}
+    meta = {"layout": results[0].layout, "seconds": seconds, "device": device_name()}
     return results, meta
 
 
-def run_cells(args, cells: Sequence[Cell], base: train.TrainConfig, *, progress=True, batch=True) -> list[dict]:
+def batch_seeds(args) -> bool:
+    """Whether a cell's seeds train as one program: ``--batch on|off|auto``; auto = on GPU/TPU only. On the
+    2-core CPU a 3-seed batch of the main config took 1.31x the time of three separate runs
+    (benchmarks/results/batch_runs.md), so there each seed is its own program."""
+    import jax
+
+    choice = getattr(args, "batch", "auto")
+    return choice == "on" or (choice == "auto" and jax.default_backend() != "cpu")
+
+
+def run_cells(args, cells: Sequence[Cell], base: train.TrainConfig, *, progress=True, batch=None) -> list[dict]:
     """Run every cell for seeds 0..N-1 (runs already in the store are read back); return one record per run.
 
-    With ``batch`` (the default) a cell's missing seeds train as one program; ``batch=False`` trains
+    With ``batch`` (default: :func:`batch_seeds`) a cell's missing seeds train as one program; ``batch=False`` trains
     them one program each (for scripts that report wall time or time per step: the runs of a batch share
     one clock, so their ``wall_time`` / ``step_time`` are the batch's; ``meta.runs_in_program`` says so)."""
     from tqdm import tqdm
@@ -233,6 +249,7 @@ def run_cells(args, cells: Sequence[Cell], base: train.TrainConfig, *, progress=
         cells = list(cells)
         cells = cells[:1] + cells[1:][-1:]
     runs = store(args)
+    batch = batch_seeds(args) if batch is None else batch
     records = []
     bar = tqdm(cells, desc=args.name, unit="cell", file=sys.stderr, disable=not progress)
     for cell in bar:
@@ -249,7 +266,7 @@ def run_cells(args, cells: Sequence[Cell], base: train.TrainConfig, *, progress=
             cfg.seed = train.Values(group) if len(group) > 1 else group[0]
             results, meta = train_batch(cfg)
             for res in results:
-                run_meta = {**meta, "config": dataclasses.asdict(res.config)}
+                run_meta = {**meta, "runs_in_program": res.runs_in_program, "config": dataclasses.asdict(res.config)}
                 runs.put(ids[res.config.seed], {"meta": run_meta, "history": res.history}, save=False)
             runs.save()
         for seed, run_id in ids.items():

@@ -22,7 +22,7 @@ def main(argv=None):
     args = common.parse_args("spot_check", __doc__, argv)
     base = common.base_config(args)
     cells = attack_heatmap.cells(ROWS, COLS)
-    new = common.run_cells(args, cells, base)
+    new = common.run_cells(args, cells, base, batch=True)  # the point of the check: seeds as one program
     committed = common.RunStore(common.RESULTS / "attack_heatmap" / "runs.jsonl.gz")
     rows = []
     recs = []

@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax import lax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -40,6 +41,11 @@ __all__ = [
     "expand",
     "train_and_evaluate",
     "enable_compilation_cache",
+    "device_memory_limit",
+    "vectorized_runs",
+    "over_runs",
+    "program_bytes",
+    "MEMORY_ENV",
     "TrainConfig",
     "ConfigError",
     "apply_overrides",
@@ -96,7 +102,10 @@ class TrainConfig:
     ``checkpoint_every`` (0 = only at the end), ``resume``.
     Batches: the fields in :data:`BATCHABLE` and rule/attack hyperparameters may hold several values
     (:class:`Values`); :func:`train_and_evaluate` trains their product as one program, at most
-    ``runs_per_program`` runs per program (0 = all in one; more runs are trained in chunks of that size).
+    ``runs_per_program`` runs per program (more runs are trained in chunks of that size; 0 = all in one,
+    or, when the device's memory is known, as many as its memory holds: :func:`device_memory_limit`).
+    ``runs_vectorized``: how many runs of a program are computed side by side (vmap); groups run one
+    after the other in the same program (0 = all; see :func:`vectorized_runs`).
     ``compilation_cache``: a folder for JAX's persistent compilation cache (or set
     ``FLAGJAX_COMPILATION_CACHE``; off when both are empty), so a second process compiles nothing.
     """
@@ -134,6 +143,7 @@ class TrainConfig:
     checkpoint_every: int = 0
     resume: bool = False
     runs_per_program: int = 0
+    runs_vectorized: int = 0
     compilation_cache: str = ""
 
     def validate(self) -> None:
@@ -142,6 +152,8 @@ class TrainConfig:
             run._validate_one()
         if self.runs_per_program < 0:
             raise ConfigError(f"invalid runs_per_program={self.runs_per_program!r}: must be >= 0 (0 = all runs)")
+        if self.runs_vectorized < 0:
+            raise ConfigError(f"invalid runs_vectorized={self.runs_vectorized!r}: must be >= 0 (0 = all runs)")
 
     def _validate_one(self) -> None:
         from flagjax import aggregators, attacks
@@ -395,6 +407,7 @@ class RunResult:
     layout_note: str
     params: Any = None
     name: str = ""
+    runs_in_program: int = 1
 
 
 def _split_validation(n: int, fraction: float, seed: int):
@@ -407,30 +420,56 @@ def _split_validation(n: int, fraction: float, seed: int):
     return perm[n_val:], perm[:n_val]
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _eval_batch(model, variables, xb, yb):
-    """(B,) summed losses and (B,) numbers correct of one evaluation batch for B stacked models;
-    compiled once per model, number of models and batch shape."""
+def vectorized_runs(setting: int, runs: int) -> int:
+    """How many runs of a program are computed side by side (``jax.vmap``); groups of that many run
+    one after the other inside the same program (``lax.map``), which bounds the program's memory.
+    ``setting`` is the config field ``runs_vectorized``: N > 0 as given (capped at ``runs``), 0 = all.
+    On this project's 2-core CPU neither pays: a paper-CNN step (p = 15, batch 32) took 90 ms for one
+    run, 296 ms for two vmapped and 414 ms for two one after the other in one program (see
+    docs/guide.md, "Batches of runs"); batches are for accelerators, where one wide step fills the device."""
+    return min(setting, runs) if setting > 0 else runs
+
+
+def over_runs(fn: Callable, group: int, runs: int) -> Callable:
+    """``fn`` (one run's arguments -> outputs) applied over a leading run axis of every argument:
+    ``jax.vmap`` when all ``runs`` form one group, else ``lax.map`` over groups of ``group`` runs (one
+    run at a time for ``group == 1``, without any vmap)."""
+    if group >= runs:
+        return jax.vmap(fn)
+    if group == 1:
+        return lambda *args: lax.map(lambda a: fn(*a), args)
+    return lambda *args: lax.map(lambda a: fn(*a), args, batch_size=group)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 4))
+def _eval_batch(model, variables, xb, yb, group):
+    """(B,) summed losses and (B,) numbers correct of one evaluation batch for B stacked models (``group``
+    at a time, :func:`over_runs`); compiled once per model, number of models and batch shape."""
+    runs = jax.tree_util.tree_leaves(variables)[0].shape[0]
 
     def one(v):
         logits = model.apply(v, xb, train=False)
         loss = jnp.sum(optax.softmax_cross_entropy_with_integer_labels(logits, yb))
         return loss, jnp.sum(jnp.argmax(logits, -1) == yb)
 
-    return jax.vmap(one)(variables)
+    return over_runs(one, group, runs)(variables)
 
 
-def evaluate(model, params, stats, x, y, *, limit: int = 0, batch: int = 2000) -> list[tuple[float, float]]:
+def evaluate(
+    model, params, stats, x, y, *, limit: int = 0, batch: int = 2000, group: int = 0
+) -> list[tuple[float, float]]:
     """[(mean loss, accuracy)] of each of B stacked models (params/stats with a leading run axis) on
-    (x, y), the first ``limit`` examples (0 = all), in batches of ``batch``."""
+    (x, y), the first ``limit`` examples (0 = all), in batches of ``batch``; ``group`` runs side by side
+    (:func:`vectorized_runs`; 0 = all)."""
     if limit:
         x, y = x[:limit], y[:limit]
     has_bn = bool(jax.tree_util.tree_leaves(stats))
     variables = {"params": params, **({"batch_stats": stats} if has_bn else {})}
     runs = jax.tree_util.tree_leaves(params)[0].shape[0]
     tot_loss, tot_acc = np.zeros(runs), np.zeros(runs, np.int64)
+    group = vectorized_runs(group, runs)
     for i in range(0, len(y), batch):
-        lo, ac = _eval_batch(model, variables, x[i : i + batch], y[i : i + batch])
+        lo, ac = _eval_batch(model, variables, x[i : i + batch], y[i : i + batch], group)
         tot_loss += np.asarray(lo, np.float64)
         tot_acc += np.asarray(ac, np.int64)
     return [(float(lo / len(y)), float(ac / len(y))) for lo, ac in zip(tot_loss, tot_acc, strict=True)]
@@ -572,7 +611,8 @@ def setup(cfg: TrainConfig, dataset: data.Dataset | None = None, *, runs=None) -
         )
         hps.append({"opt": opt, **_traced_hparams(cfg, run)})
     raw_step, layout, note = parallel.build_step(model, make_tx, scfg, mesh, states[0].params, jit=False)
-    step_fn = jax.jit(jax.vmap(raw_step), donate_argnums=(0,))
+    group = vectorized_runs(cfg.runs_vectorized, len(runs))
+    step_fn = jax.jit(over_runs(raw_step, group, len(runs)), donate_argnums=(0,))
     state = _stack(states)
     hparams = _stack(hps)
     if n_dev > 1:  # per-worker momentum sharded along workers, everything else replicated
@@ -655,13 +695,58 @@ def train_and_evaluate(
     if cache:
         enable_compilation_cache(cache)
     runs = expand(config)
-    size = config.runs_per_program or len(runs)
+    dataset = dataset or data.load_dataset(config.dataset, config.data_dir or None)
+    size = config.runs_per_program or _runs_that_fit(config, runs, dataset)
     chunks = [runs[i : i + size] for i in range(0, len(runs), size)]
     results: list[RunResult] = []
     for k, chunk in enumerate(chunks):
         ckpt_dir = Path(config.out_dir) / "checkpoints" / (f"chunk_{k}" if len(chunks) > 1 else "")
         results += _train_chunk(config, chunk, ckpt_dir, on_step, on_eval, dataset)
     return results
+
+
+MEMORY_ENV = "FLAGJAX_DEVICE_MEMORY_BYTES"
+
+
+def device_memory_limit() -> int | None:
+    """Bytes one device may use: ``FLAGJAX_DEVICE_MEMORY_BYTES`` if set (e.g. to share a GPU), else the
+    device's ``memory_stats()["bytes_limit"]`` (GPU/TPU); ``None`` when unknown (CPU)."""
+    if os.environ.get(MEMORY_ENV):
+        return int(float(os.environ[MEMORY_ENV]))
+    stats = jax.local_devices()[0].memory_stats() or {}
+    return stats.get("bytes_limit")
+
+
+def program_bytes(config: TrainConfig, dataset: data.Dataset | None = None, *, runs=None) -> int:
+    """Device bytes of one training step's compiled program for the runs of ``config`` (all, or the
+    sublist ``runs``), from XLA's memory analysis: arguments + outputs + temporaries - donated
+    (aliased) buffers, per device."""
+    su = setup(config, dataset, runs=runs)
+    x, y = su.batch(0)
+    ma = su.step_fn.lower(su.state, x, y, su.hparams).compile().memory_analysis()
+    return int(ma.argument_size_in_bytes + ma.output_size_in_bytes + ma.temp_size_in_bytes - ma.alias_size_in_bytes)
+
+
+def _runs_that_fit(config: TrainConfig, runs: list, dataset: data.Dataset) -> int:
+    """``runs_per_program=0``: all runs in one program, unless the device's memory is known and the
+    program for all of them needs more than 90% of it; then as many as fit (by the per-run share of
+    the measured program), or a :class:`ConfigError` when not even one run fits. The check compiles
+    the whole batch's program once more (only for batches, on devices that report their memory)."""
+    limit = device_memory_limit()
+    if not limit or len(runs) == 1:  # one run that does not fit fails in XLA with its own message
+        return len(runs)
+    need = program_bytes(config, dataset, runs=runs)
+    budget = 0.9 * limit
+    if need <= budget:
+        return len(runs)
+    per_run = need / len(runs)
+    fit = int(budget // per_run)
+    if fit < 1:
+        raise ConfigError(
+            f"invalid batch_size={config.batch_size}: one run's training step needs {per_run / 1e9:.2f} GB, more "
+            f"than 90% of the device's {limit / 1e9:.2f} GB (reduce batch_size or the model, or set {MEMORY_ENV})"
+        )
+    return fit
 
 
 def _train_chunk(cfg, chunk, ckpt_dir, on_step, on_eval, dataset) -> list[RunResult]:
@@ -742,7 +827,9 @@ def _train_chunk(cfg, chunk, ckpt_dir, on_step, on_eval, dataset) -> list[RunRes
                 recs.append(rec)
             if evals:
                 params_h, stats_h = _fetch((state.params, state.batch_stats))
-                test = evaluate(model, params_h, stats_h, ds.test_x, ds.test_y, limit=cfg.eval_examples)
+                test = evaluate(
+                    model, params_h, stats_h, ds.test_x, ds.test_y, limit=cfg.eval_examples, group=cfg.runs_vectorized
+                )
                 for i, rec in enumerate(recs):
                     rec["test_loss"], rec["test_accuracy"] = test[i]
                     rd = su.run_data[i]
@@ -784,6 +871,7 @@ def _train_chunk(cfg, chunk, ckpt_dir, on_step, on_eval, dataset) -> list[RunRes
                 su.layout_note,
                 one.params,
                 name,
+                len(su.runs),
             )
         )
     return results

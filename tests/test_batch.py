@@ -134,3 +134,33 @@ def test_cli_batch_with_overrides_after_flags(tmp_path, capsys, monkeypatch):
     for s in (0, 1):
         lines = [json.loads(x) for x in (out / f"seed_{s}" / "metrics.jsonl").read_text().splitlines()]
         assert lines[-1]["step"] == 2 and "test_accuracy" in lines[-1]
+
+
+def test_a_batch_too_large_for_the_device_is_split_or_refused(tmp_path, monkeypatch):
+    """With the device's memory known (here set through FLAGJAX_DEVICE_MEMORY_BYTES), runs_per_program=0
+    puts as many runs in a program as fit, measured from XLA's memory analysis of the batch's program;
+    when not even one fits, a ConfigError names batch_size. The chunked runs equal the single program's."""
+    cfg = _cfg(tmp_path / "one", "seed=0,1,2", rule="median")
+    need = train.program_bytes(cfg, DS)
+    one_program = train.train_and_evaluate(cfg, dataset=DS)
+    assert {r.runs_in_program for r in one_program} == {3}
+    monkeypatch.setenv(train.MEMORY_ENV, str(int(2.5 * need / 3 / 0.9)))  # room for two runs' share
+    split = train.train_and_evaluate(_cfg(tmp_path / "split", "seed=0,1,2", rule="median"), dataset=DS)
+    assert [r.runs_in_program for r in split] == [2, 2, 1]
+    for a, b in zip(one_program, split, strict=True):
+        _assert_same_run(a, b, atol=1e-6)
+    monkeypatch.setenv(train.MEMORY_ENV, str(need // 10))
+    with pytest.raises(train.ConfigError, match="invalid batch_size=8: one run's training step needs"):
+        train.train_and_evaluate(_cfg(tmp_path / "no", "seed=0,1,2", rule="median"), dataset=DS)
+
+
+def test_runs_one_after_the_other_in_a_program_equal_vectorized_runs(tmp_path):
+    """runs_vectorized=1 (lax.map, no vmap) and 2 (groups of two, the last one short) give the numbers of
+    all runs vectorized."""
+    ref = train.train_and_evaluate(_cfg(tmp_path / "all", "seed=0,1,2", rule="median"), dataset=DS)
+    for k in (1, 2):
+        got = train.train_and_evaluate(
+            _cfg(tmp_path / str(k), "seed=0,1,2", f"runs_vectorized={k}", rule="median"), dataset=DS
+        )
+        for a, b in zip(ref, got, strict=True):
+            _assert_same_run(a, b, atol=1e-6)

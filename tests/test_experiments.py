@@ -128,7 +128,7 @@ def test_run_cells_trains_a_cells_seeds_as_one_program_and_reads_the_store_back(
     from experiments import common, fig1_mean_not_robust
 
     out = tmp_path / "fig1"
-    args = ["--quick", "--seeds", "2", "--rows", "flag", "--cols", "f=1", "--out", str(out), "steps=2"]
+    args = ["--quick", "--seeds", "2", "--rows", "flag", "--cols", "f=1", "--out", str(out), "--batch", "on", "steps=2"]
     fig1_mean_not_robust.main([*args, "eval_every=2"])
     store = common.RunStore(out / "runs.jsonl.gz")
     assert store.ids() == ["flag__f_1__s0", "flag__f_1__s1"]
