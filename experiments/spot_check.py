@@ -29,10 +29,8 @@ def main(argv=None):
     for cell in cells:
         if args.quick:
             break
-        old = [
-            committed.get(common._slug(f"{cell.row}__{cell.col}__s{s}"))["history"][-1]["test_accuracy"]
-            for s in range(args.seeds)
-        ]
+        old_runs = [committed.get(common._slug(f"{cell.row}__{cell.col}__s{s}")) for s in range(args.seeds)]
+        old = [run["history"][-1]["test_accuracy"] for run in old_runs]
         now = [r["test_accuracy"] for r in new if r["row"] == cell.row and r["col"] == cell.col]
         pooled = float(np.sqrt((np.var(old) + np.var(now)) / 2))
         diff = float(np.mean(now) - np.mean(old))
@@ -42,8 +40,14 @@ def main(argv=None):
         )
         recs += [{**r, "col": f"{r['col']} (batch)"} for r in new if r["row"] == cell.row and r["col"] == cell.col]
         recs += [
-            {"row": cell.row, "col": f"{cell.col} (committed)", "seed": s, "test_accuracy": v, "device": "cpu"}
-            for s, v in enumerate(old)
+            {
+                "row": cell.row,
+                "col": f"{cell.col} (committed)",
+                "seed": s,
+                "test_accuracy": v,
+                "device": run["meta"].get("device") or common.UNRECORDED_DEVICE,
+            }
+            for s, (v, run) in enumerate(zip(old, old_runs, strict=True))
         ]
     table = (
         "| rule | attack | committed (one program per run) | batch (one program per cell) | difference | "

@@ -186,8 +186,10 @@ def _check(cfg: StepConfig, num_devices: int) -> None:
     r = aggregators.get(rule)
     for name in pre:
         aggregators.get_pre(name)
-    if f > r.max_f(p):
-        raise ValueError(f"num_byzantine={f} is too large for rule {rule!r} with p={p}: requires {r.requirement}")
+    try:
+        r.check_f(f, p)  # the rule's own limit (Rule.check_f), the one place it is checked
+    except ValueError as err:
+        raise ValueError(f"num_byzantine={f}: {err}") from None
     _check_center("rule_hparams", cfg.rule_hparams, rule)
     atk_hp = dict(cfg.attack_hparams)
     if atk_hp.get("rule_hparams"):  # the rule an optimal attack simulates (its default: the mean)

@@ -184,13 +184,10 @@ class TrainConfig:
         for name in pre:
             if name not in aggregators.pre_names():
                 bad("rule", self.rule, f"allowed pre-aggregators: {', '.join(aggregators.pre_names())}")
-        r = aggregators.get(rule)
-        if self.num_byzantine > r.max_f(self.num_workers):
-            bad(
-                "num_byzantine",
-                self.num_byzantine,
-                f"rule {rule!r} with num_workers={self.num_workers} requires {r.requirement}",
-            )
+        try:
+            aggregators.get(rule).check_f(self.num_byzantine, self.num_workers)
+        except ValueError as err:
+            bad("num_byzantine", self.num_byzantine, str(err))
         if rule == "flag" and "r" in self.rule_hparams and not 1 <= int(self.rule_hparams["r"]) <= self.num_workers:
             bad(
                 "rule_hparams.r",

@@ -18,6 +18,7 @@ SCRIPTS = [
     ("fig8_scalability", []),
     ("questions", []),
     ("lr_protocol", []),
+    ("spot_check", []),
 ]
 
 
