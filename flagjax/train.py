@@ -421,9 +421,9 @@ def vectorized_runs(setting: int, runs: int) -> int:
     """How many runs of a program are computed side by side (``jax.vmap``); groups of that many run
     one after the other inside the same program (``lax.map``), which bounds the program's memory.
     ``setting`` is the config field ``runs_vectorized``: N > 0 as given (capped at ``runs``), 0 = all.
-    On this project's 2-core CPU neither pays: a paper-CNN step (p = 15, batch 32) took 90 ms for one
-    run, 296 ms for two vmapped and 414 ms for two one after the other in one program (see
-    docs/guide.md, "Batches of runs"); batches are for accelerators, where one wide step fills the device."""
+    On this project's 2-core CPU neither pays: a paper-CNN step (p = 15, batch 32) took 85 ms for one
+    run, 276 ms for two vmapped and 420 ms for two one after the other in one program
+    (benchmarks/results/batch_step.md); batches are for accelerators, where one wide step fills the device."""
     return min(setting, runs) if setting > 0 else runs
 
 
