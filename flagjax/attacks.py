@@ -1,8 +1,11 @@
-"""Byzantine attacks: functions that craft the f Byzantine rows from the round's honest gradients.
+"""Byzantine attacks: functions that craft the f Byzantine rows from the round's honest gradients, and
+data-level attacks that change what the Byzantine workers train on.
 
-Omniscient threat model: an attack sees the honest (h, d) stack of the round and an explicit PRNG key
-(never a global seed) and returns an (f, d) stack. :func:`attack` is the front door; :func:`names`
-lists the registry.
+Omniscient threat model: a gradient attack sees the honest (h, d) stack of the round and an explicit
+PRNG key (never a global seed) and returns an (f, d) stack. :func:`attack` is the front door;
+:func:`names` lists the registry. Data-level attacks ("augmented losses": ``lotka_volterra``,
+``noise``, ``label_flip``, and ``none``) are registered too, with ``data_level=True``: their function
+transforms the Byzantine workers' inputs before the gradients are computed (:func:`data_transform`).
 """
 
 from __future__ import annotations
@@ -19,7 +22,18 @@ from jax import lax
 
 from flagjax.registry import Registry
 
-__all__ = ["Attack", "attack", "names", "get", "register", "alie_z", "coordinate_noise", "NOISE_BLOCK"]
+__all__ = [
+    "Attack",
+    "ATTACKS",
+    "attack",
+    "data_transform",
+    "names",
+    "get",
+    "register",
+    "alie_z",
+    "coordinate_noise",
+    "NOISE_BLOCK",
+]
 
 NOISE_BLOCK = 4096
 
@@ -37,12 +51,16 @@ class Attack:
         sharded layout draws the same), and per-coordinate noise comes from :func:`coordinate_noise`.
       separable: whether the attack may run on coordinate slices (the sharded layout's capability).
       needs_key: whether the output depends on ``key``.
+      data_level: the attack acts on the Byzantine workers' data, not on their gradient rows: ``fn`` is
+        ``fn(x (w, B, H, W, C), y (w, B), byzantine (w,) bool, key, *, worker_idx (w,), aug_level,
+        lv_map, num_classes) -> (x, y)`` for w workers; their gradients are then computed honestly.
     """
 
     name: str
     fn: Callable[..., jax.Array]
     separable: bool = False
     needs_key: bool = False
+    data_level: bool = False
 
 
 ATTACKS: Registry[Attack] = Registry("attack")
@@ -53,9 +71,10 @@ def register(atk: Attack) -> Attack:
     return ATTACKS.register(atk.name, atk)
 
 
-def names() -> tuple[str, ...]:
-    """Names of all registered attacks, sorted."""
-    return ATTACKS.names()
+def names(*, data_level: bool | None = None) -> tuple[str, ...]:
+    """Names of the registered attacks, sorted: all of them, or only the data-level (``True``) or the
+    gradient (``False``) ones."""
+    return tuple(n for n in ATTACKS.names() if data_level is None or ATTACKS.get(n).data_level == data_level)
 
 
 def get(name: str) -> Attack:
@@ -79,6 +98,8 @@ def attack(name: str, honest: jax.Array, *, f: int, key: jax.Array, offset=0, **
       (f, d) array of the honest dtype.
     """
     atk = get(name)
+    if atk.data_level:
+        raise ValueError(f"attack {name!r} acts on the Byzantine workers' data, not on gradient rows (data_transform)")
     honest = jnp.asarray(honest)
     if honest.ndim != 2 or honest.shape[0] < 1:
         raise ValueError(f"honest must be an (h, d) array with h >= 1; got shape {honest.shape}")
@@ -325,3 +346,56 @@ for _name, _fn, _sep, _key in [
     ("minsum", _minsum, False, False),
 ]:
     register(Attack(_name, _fn, separable=_sep, needs_key=_key))
+
+
+# ------------------------------------------------------------------------------------------- data level
+def data_transform(name: str, x, y, byzantine, key, *, worker_idx, aug_level=0.0, lv_map=None, num_classes=10):
+    """Apply data-level attack ``name`` to a block of workers' inputs: x (w, B, H, W, C) float32, y (w, B)
+    int32, ``byzantine`` (w,) bool (which of these workers attack), ``worker_idx`` (w,) their global
+    indices (per-worker noise is keyed by it, so any split of the workers over devices draws the same).
+    Returns the transformed (x, y); honest workers' inputs are unchanged."""
+    return get(name).fn(
+        x, y, byzantine, key, worker_idx=worker_idx, aug_level=aug_level, lv_map=lv_map, num_classes=num_classes
+    )
+
+
+def _no_attack(x, y, byzantine, key, **kw):
+    """No attacker: every worker is honest (training counts all p workers as honest)."""
+    del byzantine, key, kw
+    return x, y
+
+
+def _label_flip(x, y, byzantine, key, *, num_classes, **kw):
+    """Byzantine workers train on flipped labels y -> num_classes - 1 - y."""
+    del key, kw
+    return x, jnp.where(byzantine[:, None], num_classes - 1 - y, y)
+
+
+def _noise(x, y, byzantine, key, *, worker_idx, aug_level, **kw):
+    """Byzantine workers train on images plus Gaussian noise N(0, aug_level^2) (an augmented loss)."""
+    del kw
+    keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(worker_idx)
+    noise = jax.vmap(lambda k: aug_level * jax.random.normal(k, x.shape[1:], x.dtype))(keys)
+    return jnp.where(byzantine[:, None, None, None, None], x + noise, x), y
+
+
+def _lotka_volterra(x, y, byzantine, key, *, lv_map, **kw):
+    """Byzantine workers train on images whose pixels flowed along the Lotka-Volterra field (the paper's
+    augmented-data workers): a gather through ``lv_map`` (H*W,) from ``flagjax.data.lotka_volterra_map``
+    (index H*W reads a zero pixel)."""
+    del key, kw
+    if lv_map is None:
+        raise ValueError("attack 'lotka_volterra' needs lv_map (flagjax.data.lotka_volterra_map)")
+    w, b, h, wd, c = x.shape
+    flat = jnp.concatenate([x.reshape(w, b, h * wd, c), jnp.zeros((w, b, 1, c), x.dtype)], axis=2)
+    moved = flat[:, :, jnp.asarray(lv_map), :].reshape(x.shape)
+    return jnp.where(byzantine[:, None, None, None, None], moved, x), y
+
+
+for _name, _fn, _key in [
+    ("none", _no_attack, False),
+    ("label_flip", _label_flip, False),
+    ("noise", _noise, True),
+    ("lotka_volterra", _lotka_volterra, False),
+]:
+    register(Attack(_name, _fn, separable=True, needs_key=_key, data_level=True))

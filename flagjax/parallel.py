@@ -52,7 +52,6 @@ __all__ = [
     "resolve_layout",
     "build_step",
     "attacked_stack",
-    "DATA_ATTACKS",
     "step_keys",
     "init_worker_momentum",
     "init_rule_state",
@@ -60,7 +59,6 @@ __all__ = [
 ]
 
 AXIS = "workers"
-DATA_ATTACKS = ("none", "lotka_volterra", "noise", "label_flip")
 KEY_NAMES = ("data", "attack", "rule", "drop")
 
 
@@ -88,7 +86,8 @@ class StepConfig:
     Attributes:
       num_workers: p. num_byzantine: f (the last f workers).
       rule: aggregation spec, e.g. "flag" or "nnm+krum". rule_hparams: its hyperparameters.
-      attack: a gradient attack (``flagjax.attacks.names()``) or a data attack (``DATA_ATTACKS``).
+      attack: a registered attack (``flagjax.attacks.names()``): a gradient attack, or a data-level one
+        (``data_level=True``: lotka_volterra, noise, label_flip, none).
       attack_hparams: its hyperparameters. aug_level: LV time t or noise sigma for data attacks.
       worker_momentum: beta of per-worker momentum m <- beta m + (1 - beta) g (0 = off).
       layout: "server" or "sharded" (see module docstring).
@@ -169,7 +168,7 @@ def resolve_layout(cfg: StepConfig, num_devices: int) -> tuple[str, str]:
     if not aggregators.get(rule).shardable:
         ok = ", ".join(n for n in aggregators.names() if aggregators.get(n).shardable)
         return "server", f"rule {rule!r} needs whole rows (sharded supports {ok})"
-    if cfg.attack not in DATA_ATTACKS and not attacks.get(cfg.attack).separable:
+    if not attacks.get(cfg.attack).separable:
         return "server", f"attack {cfg.attack!r} needs whole rows"
     return "sharded", ""
 
@@ -180,8 +179,7 @@ def _check(cfg: StepConfig, num_devices: int) -> None:
         raise ValueError(f"num_workers={p} must be a positive multiple of the number of devices ({num_devices})")
     if not 0 <= f < p:
         raise ValueError(f"num_byzantine={f} must satisfy 0 <= f < num_workers={p}")
-    if cfg.attack not in DATA_ATTACKS:
-        attacks.get(cfg.attack)
+    attacks.get(cfg.attack)
     rule, pre = aggregators.parse_spec(cfg.rule)
     r = aggregators.get(rule)
     for name in pre:
@@ -216,21 +214,21 @@ def _check_center(where: str, hparams, rule: str) -> None:
 
 
 def _data_attack(cfg: StepConfig, x, y, worker_idx, key):
-    """Transform the inputs of Byzantine workers for data-level attacks; x (pl, B, H, W, C)."""
-    if cfg.attack == "none" or cfg.attack not in DATA_ATTACKS or cfg.num_byzantine == 0:
+    """Data-level attacks transform the Byzantine workers' inputs; x (pl, B, H, W, C), y (pl, B)."""
+    if not attacks.get(cfg.attack).data_level or cfg.num_byzantine == 0:
         return x, y
     byz = worker_idx >= cfg.num_workers - cfg.num_byzantine  # (pl,)
-    if cfg.attack == "label_flip":
-        return x, jnp.where(byz[:, None], cfg.num_classes - 1 - y, y)
-    if cfg.attack == "noise":
-        keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(worker_idx)
-        noise = jax.vmap(lambda k: cfg.aug_level * jax.random.normal(k, x.shape[1:], x.dtype))(keys)
-        return jnp.where(byz[:, None, None, None, None], x + noise, x), y
-    # lotka_volterra: gather pixels through the precomputed map (index H*W reads a zero pixel)
-    pl, b, h, w, c = x.shape
-    flat = jnp.concatenate([x.reshape(pl, b, h * w, c), jnp.zeros((pl, b, 1, c), x.dtype)], axis=2)
-    moved = flat[:, :, jnp.asarray(cfg.lv_map), :].reshape(x.shape)
-    return jnp.where(byz[:, None, None, None, None], moved, x), y
+    return attacks.data_transform(
+        cfg.attack,
+        x,
+        y,
+        byz,
+        key,
+        worker_idx=worker_idx,
+        aug_level=cfg.aug_level,
+        lv_map=cfg.lv_map,
+        num_classes=cfg.num_classes,
+    )
 
 
 def _drop_rows(cfg: StepConfig, stack, key):
@@ -247,7 +245,7 @@ def attacked_stack(cfg: StepConfig, stack, key, rule_state=(), offset=0):
     from the first p - f (honest) rows with ``key`` (the step's attack key). An optimal attack that
     simulates a rule centred on the previous aggregate gets the defence's ``rule_state`` center.
     Data-level attacks and f = 0 leave the stack as is."""
-    if cfg.attack in DATA_ATTACKS or cfg.num_byzantine == 0:
+    if attacks.get(cfg.attack).data_level or cfg.num_byzantine == 0:
         return stack
     f = cfg.num_byzantine
     honest = stack[: cfg.num_workers - f]

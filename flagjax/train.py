@@ -175,9 +175,8 @@ class TrainConfig:
             bad("dirichlet_alpha", self.dirichlet_alpha, "must be > 0")
         if not 0 <= self.val_fraction < 1:
             bad("val_fraction", self.val_fraction, "must be in [0, 1)")
-        if self.attack not in parallel.DATA_ATTACKS and self.attack not in attacks.names():
-            allowed = ", ".join(sorted((*parallel.DATA_ATTACKS, *attacks.names())))
-            bad("attack", self.attack, f"allowed: {allowed}")
+        if self.attack not in attacks.ATTACKS:
+            bad("attack", self.attack, f"allowed: {', '.join(attacks.names())}")
         rule, pre = aggregators.parse_spec(self.rule)
         if rule not in aggregators.names():
             bad("rule", self.rule, f"allowed rules: {', '.join(aggregators.names())}")

@@ -19,7 +19,7 @@ def _kw(name):
     return {"rule": "median"} if name.startswith("optimal") else {}
 
 
-@pytest.mark.parametrize("name", attacks.names())
+@pytest.mark.parametrize("name", attacks.names(data_level=False))
 def test_shape_dtype_determinism(name):
     h = _honest()
     a = attacks.attack(name, h, f=3, key=jax.random.key(5), **_kw(name))
@@ -130,3 +130,18 @@ def test_bad_arguments():
         attacks.attack("random", h, f=-1, key=jax.random.key(0))
     with pytest.raises(ValueError, match="key must be a PRNG key"):
         attacks.attack("random", h, f=1, key=None)
+
+
+def test_data_level_attacks_are_registered_records():
+    """Data-level attacks live in the same registry, flagged data_level; they transform inputs, not rows."""
+    assert attacks.names(data_level=True) == ("label_flip", "lotka_volterra", "noise", "none")
+    assert not set(attacks.names(data_level=True)) & set(attacks.names(data_level=False))
+    with pytest.raises(ValueError, match="acts on the Byzantine workers' data"):
+        attacks.attack("noise", np.ones((4, 3), np.float32), f=1, key=jax.random.key(0))
+    x = np.zeros((3, 2, 4, 4, 1), np.float32)
+    y = np.array([[0, 9], [1, 2], [3, 4]], np.int32)
+    byz = np.array([False, False, True])
+    _, yf = attacks.data_transform("label_flip", x, y, byz, jax.random.key(0), worker_idx=np.arange(3))
+    np.testing.assert_array_equal(yf, [[0, 9], [1, 2], [6, 5]])
+    xn, _ = attacks.data_transform("noise", x, y, byz, jax.random.key(0), worker_idx=np.arange(3), aug_level=1.0)
+    assert np.all(np.asarray(xn)[:2] == 0) and np.std(np.asarray(xn)[2]) > 0.5

@@ -14,8 +14,8 @@ from jax.flatten_util import ravel_pytree
 from flagjax import attacks, parallel, train
 from tests.helpers import DS, small_config
 
-GRADIENT_ATTACKS = attacks.names()
-ALL_ATTACKS = (*GRADIENT_ATTACKS, *(a for a in parallel.DATA_ATTACKS if a != "none"))
+GRADIENT_ATTACKS = attacks.names(data_level=False)
+ALL_ATTACKS = tuple(a for a in attacks.names() if a != "none")
 
 
 def _run(tmp_path, **kw):
@@ -39,7 +39,7 @@ def test_every_attack_agrees_across_layouts_and_device_counts(tmp_path, attack):
     assert all(np.isfinite(h["loss"]) for h in ref.history)
     for n in (4, 8):
         got = _run(tmp_path, attack=attack, rule=rule, layout="sharded", num_devices=n)
-        separable = attack in parallel.DATA_ATTACKS or attacks.get(attack).separable
+        separable = attacks.get(attack).separable
         assert got.layout == ("sharded" if separable else "server")
         _same(ref, got)
 
