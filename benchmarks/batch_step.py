@@ -15,12 +15,11 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import statistics
 import sys
-import time
 
 import _report  # benchmarks/_report.py (the script's folder is on sys.path)
 import jax
+from _timing import time_interleaved  # benchmarks/_timing.py
 
 from flagjax import data, train
 
@@ -42,17 +41,7 @@ def main(argv=None):
             train.TrainConfig(**base, seed=seeds, runs_vectorized=1), ds
         ),
     }
-    states = {k: su.state for k, su in setups.items()}
-    times: dict[str, list[float]] = {k: [] for k in setups}
-    for s in range(args.steps + 2):
-        for k, su in setups.items():
-            x, y = su.batch(s)
-            t0 = time.perf_counter()
-            states[k], m = su.step(states[k], x, y)
-            jax.block_until_ready(m)
-            if s >= 2:
-                times[k].append(time.perf_counter() - t0)
-    ms = {k: 1e3 * statistics.median(v) for k, v in times.items()}
+    ms = time_interleaved(setups, args.steps)
     one = ms["one run"]
     cmd = " ".join(["python benchmarks/batch_step.py", *(argv if argv is not None else sys.argv[1:])])
     lines = [

@@ -25,14 +25,13 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 import argparse  # noqa: E402
 import platform  # noqa: E402
 import re  # noqa: E402
-import statistics  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
-import time  # noqa: E402
 
 import _report  # noqa: E402  # benchmarks/_report.py (the script's folder is on sys.path)
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
+from _timing import time_interleaved  # noqa: E402  # benchmarks/_timing.py
 
 from flagjax import data, train  # noqa: E402
 
@@ -65,24 +64,6 @@ def synthetic(n=4000, seed=0):
     x = rng.uniform(size=(n, 28, 28, 1)).astype(np.float32)
     y = rng.integers(0, 10, n).astype(np.int32)
     return data.Dataset("synthetic", x, y, x[:500], y[:500], 10)
-
-
-def time_interleaved(setups: dict, steps: int) -> dict[str, float]:
-    """Median ms per step for each setup, timed round-robin (one step of each in turn) after every setup
-    has run and compiled two warm-up steps, so that a device or machine still warming up, or drifting,
-    does not favour whichever setup happens to be timed last (the first GPU run timed the mean first
-    with a cold device: 4.4 ms against 1.8 ms later)."""
-    states = {k: su.state for k, su in setups.items()}
-    times: dict[str, list[float]] = {k: [] for k in setups}
-    for s in range(steps + 2):
-        for k, su in setups.items():
-            x, y = su.batch(s)
-            t0 = time.perf_counter()
-            states[k], m = su.step(states[k], x, y)
-            jax.block_until_ready(m)
-            if s >= 2:
-                times[k].append(time.perf_counter() - t0)
-    return {k: 1e3 * statistics.median(v) for k, v in times.items()}
 
 
 def main(argv=None):
