@@ -319,7 +319,7 @@ def build_step(
     Args:
       model: a Flax Linen module called as ``model.apply(variables, x, train=True)``.
       make_tx: ``make_tx(hp["opt"]) -> optax.GradientTransformation`` applied to the aggregate; its
-        state's structure must not depend on the values (``flagjax.train.make_optimizer``).
+        state's structure must not depend on the values (``flagjax.train.optimizer_factory``).
       cfg: :class:`StepConfig` (static).
       mesh: from :func:`make_mesh`.
       params_template: a params pytree (for flattening).
@@ -439,8 +439,6 @@ def build_step(
             metrics = jax.tree.map(lambda a: lax.with_sharding_constraint(a, replicated), metrics)
         return new, metrics
 
-    if uses_previous_center(cfg) and layout != "server":
-        raise ValueError("center='previous' needs layout='server'")
     if not jit:
         return step, layout, why
     return jax.jit(step, donate_argnums=(0,)), layout, why

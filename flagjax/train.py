@@ -50,7 +50,6 @@ __all__ = [
     "ConfigError",
     "apply_overrides",
     "load_config",
-    "make_optimizer",
     "run",
     "setup",
     "Setup",
@@ -345,16 +344,15 @@ def load_config(path: str | None) -> TrainConfig:
     return cfg
 
 
-def make_optimizer(cfg: TrainConfig, steps_per_epoch: int) -> optax.GradientTransformation:
-    """Weight decay + the named optax optimiser on a step schedule (x lr_decay every lr_decay_epochs),
-    for one run's ``cfg`` (:func:`optimizer_factory` with the run's values)."""
-    return optimizer_factory(cfg.optimizer, momentum=bool(cfg.momentum))(opt_hparams(cfg, steps_per_epoch))
+def _decay_period(cfg: TrainConfig, steps_per_epoch: int) -> int:
+    """Steps between learning-rate decays: round(lr_decay_epochs * steps_per_epoch), at least 1."""
+    return max(1, int(round(cfg.lr_decay_epochs * steps_per_epoch)))
 
 
 def opt_hparams(cfg: TrainConfig, steps_per_epoch: int) -> dict:
     """One run's optimiser numbers (float32 scalars; batched over runs by the loop): lr, momentum,
-    weight_decay, lr_decay and the decay period in steps (round(lr_decay_epochs * steps_per_epoch))."""
-    period = max(1, int(round(cfg.lr_decay_epochs * steps_per_epoch)))
+    weight_decay, lr_decay and the decay period in steps (:func:`_decay_period`)."""
+    period = _decay_period(cfg, steps_per_epoch)
     return {
         "lr": np.float32(cfg.lr),
         "momentum": np.float32(cfg.momentum),
@@ -692,12 +690,15 @@ def train_and_evaluate(
         enable_compilation_cache(cache)
     runs = expand(config)
     dataset = dataset or data.load_dataset(config.dataset, config.data_dir or None)
-    size = config.runs_per_program or _runs_that_fit(config, runs, dataset)
+    size, measured = (
+        (config.runs_per_program, None) if config.runs_per_program else _runs_that_fit(config, runs, dataset)
+    )
     chunks = [runs[i : i + size] for i in range(0, len(runs), size)]
     results: list[RunResult] = []
     for k, chunk in enumerate(chunks):
         ckpt_dir = Path(config.out_dir) / "checkpoints" / (f"chunk_{k}" if len(chunks) > 1 else "")
-        results += _train_chunk(config, chunk, ckpt_dir, on_step, on_eval, dataset)
+        su = measured if len(chunks) == 1 else None  # the memory check's setup, already compiled
+        results += _train_chunk(config, chunk, ckpt_dir, on_step, on_eval, dataset, su)
     return results
 
 
@@ -717,24 +718,31 @@ def program_bytes(config: TrainConfig, dataset: data.Dataset | None = None, *, r
     """Device bytes of one training step's compiled program for the runs of ``config`` (all, or the
     sublist ``runs``), from XLA's memory analysis: arguments + outputs + temporaries - donated
     (aliased) buffers, per device."""
-    su = setup(config, dataset, runs=runs)
+    return _program_bytes(setup(config, dataset, runs=runs))
+
+
+def _program_bytes(su: Setup) -> int:
+    """:func:`program_bytes` of a built :class:`Setup` (compiling its step; a later call of
+    ``su.step`` reuses that compilation)."""
     x, y = su.batch(0)
     ma = su.step_fn.lower(su.state, x, y, su.hparams).compile().memory_analysis()
     return int(ma.argument_size_in_bytes + ma.output_size_in_bytes + ma.temp_size_in_bytes - ma.alias_size_in_bytes)
 
 
-def _runs_that_fit(config: TrainConfig, runs: list, dataset: data.Dataset) -> int:
+def _runs_that_fit(config: TrainConfig, runs: list, dataset: data.Dataset) -> tuple[int, Setup | None]:
     """``runs_per_program=0``: all runs in one program, unless the device's memory is known and the
     program for all of them needs more than 90% of it; then as many as fit (by the per-run share of
-    the measured program), or a :class:`ConfigError` when not even one run fits. The check compiles
-    the whole batch's program once more (only for batches, on devices that report their memory)."""
+    the measured program), or a :class:`ConfigError` when not even one run fits. Returns (runs per
+    program, the measured :class:`Setup` when it is the one to train, else None): when all runs fit,
+    training reuses the setup and the compilation of the check, so the check costs nothing more."""
     limit = device_memory_limit()
     if not limit or len(runs) == 1:  # one run that does not fit fails in XLA with its own message
-        return len(runs)
-    need = program_bytes(config, dataset, runs=runs)
+        return len(runs), None
+    su = setup(config, dataset, runs=runs)
+    need = _program_bytes(su)
     budget = 0.9 * limit
     if need <= budget:
-        return len(runs)
+        return len(runs), su
     per_run = need / len(runs)
     fit = int(budget // per_run)
     if fit < 1:
@@ -742,11 +750,11 @@ def _runs_that_fit(config: TrainConfig, runs: list, dataset: data.Dataset) -> in
             f"invalid batch_size={config.batch_size}: one run's training step needs {per_run / 1e9:.2f} GB, more "
             f"than 90% of the device's {limit / 1e9:.2f} GB (reduce batch_size or the model, or set {MEMORY_ENV})"
         )
-    return fit
+    return fit, None
 
 
-def _train_chunk(cfg, chunk, ckpt_dir, on_step, on_eval, dataset) -> list[RunResult]:
-    su = setup(cfg, dataset, runs=chunk)
+def _train_chunk(cfg, chunk, ckpt_dir, on_step, on_eval, dataset, su=None) -> list[RunResult]:
+    su = su or setup(cfg, dataset, runs=chunk)
     model, state, ds = su.model, su.state, su.dataset
     out = Path(cfg.out_dir)
     is_main = jax.process_index() == 0
@@ -805,7 +813,7 @@ def _train_chunk(cfg, chunk, ckpt_dir, on_step, on_eval, dataset) -> list[RunRes
         if log or evals:
             recs = []
             for i, (_, run) in enumerate(su.runs):
-                spe = su.run_data[i].steps_per_epoch
+                period = _decay_period(run, su.run_data[i].steps_per_epoch)
                 rec = {
                     "step": done,
                     "loss": float(np.mean(m["loss"][i][:honest])),
@@ -813,7 +821,7 @@ def _train_chunk(cfg, chunk, ckpt_dir, on_step, on_eval, dataset) -> list[RunRes
                     "wall_time": time.perf_counter() - t0,
                     "step_time": step_time,
                     "agg_norm": float(m["agg_norm"][i]),
-                    "lr": float(run.lr * run.lr_decay ** (step // max(1, round(run.lr_decay_epochs * spe)))),
+                    "lr": float(run.lr * run.lr_decay ** (step // period)),
                 }
                 if "ratios" in m:
                     rec["ratios"] = [round(float(v), 6) for v in m["ratios"][i]]
@@ -882,8 +890,9 @@ def run(
 ) -> RunResult:
     """Train the single run ``cfg`` (no batch axes): :func:`train_and_evaluate` with a batch of one;
     writes ``out_dir/metrics.jsonl`` (and checkpoints) and returns its :class:`RunResult`."""
-    if batch_axes(cfg):
-        names = ", ".join(n for n, _ in batch_axes(cfg))
+    axes = batch_axes(cfg)
+    if axes:
+        names = ", ".join(n for n, _ in axes)
         raise ConfigError(f"run() trains one run; {names} hold several values: use train_and_evaluate")
     return train_and_evaluate(cfg, on_step=on_step, on_eval=on_eval, dataset=dataset)[0]
 

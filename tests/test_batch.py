@@ -144,6 +144,11 @@ def test_a_batch_too_large_for_the_device_is_split_or_refused(tmp_path, monkeypa
     need = train.program_bytes(cfg, DS)
     one_program = train.train_and_evaluate(cfg, dataset=DS)
     assert {r.runs_in_program for r in one_program} == {3}
+    monkeypatch.setenv(train.MEMORY_ENV, str(10 * need))  # fits: trains on the setup the check measured
+    roomy = train.train_and_evaluate(_cfg(tmp_path / "roomy", "seed=0,1,2", rule="median"), dataset=DS)
+    assert [r.runs_in_program for r in roomy] == [3, 3, 3]
+    for a, b in zip(one_program, roomy, strict=True):
+        _assert_same_run(a, b, atol=1e-6)
     monkeypatch.setenv(train.MEMORY_ENV, str(int(2.5 * need / 3 / 0.9)))  # room for two runs' share
     split = train.train_and_evaluate(_cfg(tmp_path / "split", "seed=0,1,2", rule="median"), dataset=DS)
     assert [r.runs_in_program for r in split] == [2, 2, 1]

@@ -127,6 +127,10 @@ class PreAggregator:
     max_f: Callable[[int], int] = _any_f
     requirement: str = "0 <= f < p"
 
+    def check_f(self, f, p: int) -> None:
+        """Raise ``ValueError`` unless ``0 <= f <= max_f(p)``."""
+        _check_f(f, p, f"pre-aggregator {self.name!r}", self.max_f(p), self.requirement)
+
 
 RULES: Registry[Rule] = Registry("aggregation rule")
 PRE_AGGREGATORS: Registry[PreAggregator] = Registry("pre-aggregator")
@@ -278,15 +282,21 @@ def aggregate(
         raise ValueError("grads must hold at least one worker (p >= 1)")
     if key is None:
         key = jax.random.key(0)
-    for i, (pa, hp) in enumerate(pres):
-        _check_f(f, stack.shape[0], f"pre-aggregator {pa.name!r}", pa.max_f(stack.shape[0]), pa.requirement)
-        stack = pa.fn(sanitize_rows(stack), f=int(f), key=jax.random.fold_in(key, i + 1), **hp)
-    rule.check_f(f, stack.shape[0])
-    if rule.sanitize:
-        stack = sanitize_rows(stack)
+    stack = _before_rule(rule, pres, stack, f, key)
     state = rule.init(jax.ShapeDtypeStruct(stack.shape[1:], stack.dtype), **hparams)
     agg, _, _ = rule.update(stack, state, f=int(f), key=key, **hparams)
     return unflatten(agg)
+
+
+def _before_rule(rule: Rule, pres: list, stack: jax.Array, f: int, key: jax.Array) -> jax.Array:
+    """The (p', d) stack the rule sees: pre-aggregators ``pres`` ((record, hparams) pairs) applied in
+    order (pre-aggregator i gets ``fold_in(key, i + 1)``), f checked against each and against the rule,
+    non-finite rows zeroed for rules that ask for it."""
+    for i, (pa, hp) in enumerate(pres):
+        pa.check_f(f, stack.shape[0])
+        stack = pa.fn(sanitize_rows(stack), f=int(f), key=jax.random.fold_in(key, i + 1), **hp)
+    rule.check_f(f, stack.shape[0])
+    return sanitize_rows(stack) if rule.sanitize else stack
 
 
 def init_state(name: str, example, **hparams) -> Any:
@@ -304,11 +314,5 @@ def aggregate_update(
     state from :func:`init_state`, for one round."""
     rule_name, pre = parse_spec(name)
     rule = get(rule_name)
-    for i, pname in enumerate(pre):
-        pa = get_pre(pname)
-        _check_f(f, stack.shape[0], f"pre-aggregator {pa.name!r}", pa.max_f(stack.shape[0]), pa.requirement)
-        stack = pa.fn(sanitize_rows(stack), f=int(f), key=jax.random.fold_in(key, i + 1))
-    rule.check_f(f, stack.shape[0])
-    if rule.sanitize:
-        stack = sanitize_rows(stack)
+    stack = _before_rule(rule, [(get_pre(n), {}) for n in pre], stack, f, key)
     return rule.update(stack, state, f=int(f), key=key, **hparams)
