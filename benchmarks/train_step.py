@@ -7,7 +7,8 @@ Runs with 8 simulated CPU devices (set before JAX starts). Every figure is a rat
 this run (median over steps after two warm-up steps, each step blocked on; the setups compared in
 one table are timed round-robin, one step of each in turn, so drift and warm-up favour none of them).
 
-* step time with ``flag`` / with ``mean``: paper CNN, p = 15, batch 64 per worker, 1 device;
+* step time with ``flag`` (default solver, and ``method="eigh"``) / with ``mean``: paper CNN, p = 15,
+  batch 64 per worker, 1 device; ResNet-18 on CIFAR shapes with ``--resnet`` (default on GPU/TPU);
 * sharded / server step time on 8 devices (p = 8, 16, 32 workers, paper CNN, batch 16);
 * bytes each device sends per step, read from the compiled program's collectives (HLO): a ring
   all-gather or all-to-all sends (n-1)/n of its result, an all-reduce 2(n-1)/n of its operand, a
@@ -59,9 +60,9 @@ def collective_bytes(hlo: str, n: int) -> dict[str, float]:
     return out
 
 
-def synthetic(n=4000, seed=0):
+def synthetic(n=4000, seed=0, shape=(28, 28, 1)):
     rng = np.random.default_rng(seed)
-    x = rng.uniform(size=(n, 28, 28, 1)).astype(np.float32)
+    x = rng.uniform(size=(n, *shape)).astype(np.float32)
     y = rng.integers(0, 10, n).astype(np.int32)
     return data.Dataset("synthetic", x, y, x[:500], y[:500], 10)
 
@@ -70,6 +71,12 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--out", default=None)
+    ap.add_argument(
+        "--resnet",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="also time ResNet-18 on CIFAR shapes (auto: on GPU/TPU only; a CPU step takes tens of seconds)",
+    )
     args = ap.parse_args(argv)
     steps = 5 if args.quick else 20
     ds = synthetic()
@@ -89,12 +96,37 @@ def main(argv=None):
         "| rule | step (ms) | / mean |",
         "|---|---|---|",
     ]
-    rules = ("mean", "flag", "multi_krum", "median")
-    cfgs = {r: train.TrainConfig(**base, rule=r, num_workers=15, batch_size=64, num_devices=1) for r in rules}
+    rules = {"mean": {}, "flag": {}, "flag eigh": {"method": "eigh"}, "multi_krum": {}, "median": {}}
+
+    def cfg_of(label, hp, **kw):
+        return train.TrainConfig(**{**base, **kw}, rule=label.split()[0], rule_hparams=hp, num_workers=15, num_devices=1)
+
+    cfgs = {k: cfg_of(k, hp, batch_size=64) for k, hp in rules.items()}
     t = time_interleaved({r: train.setup(c, ds) for r, c in cfgs.items()}, steps)
     for rule, v in t.items():
         lines.append(f"| {rule} | {v:.1f} | {v / t['mean']:.2f} |")
     print("\n".join(lines), flush=True)
+
+    resnet = args.resnet == "on" or (args.resnet == "auto" and jax.default_backend() != "cpu")
+    if resnet:
+        lines += [
+            "",
+            "## flag vs mean (ResNet-18, CIFAR shapes 32 x 32 x 3, synthetic data, p = 15, f = 3 random, "
+            "batch 32 per worker, 1 device)",
+            "",
+            "| rule | step (ms) | / mean |",
+            "|---|---|---|",
+        ]
+        cifar = synthetic(2000, shape=(32, 32, 3))
+        cfgs = {k: cfg_of(k, rules[k], batch_size=32, model="resnet18") for k in ("mean", "flag", "flag eigh")}
+        try:
+            t = time_interleaved({r: train.setup(c, cifar) for r, c in cfgs.items()}, steps)
+        except Exception as err:  # keep the other sections' numbers (a device run is not repeated lightly)
+            lines.append(f"| failed: {type(err).__name__}: {str(err).splitlines()[0][:200]} | | |")
+            t = {}
+        for rule, v in t.items():
+            lines.append(f"| {rule} | {v:.1f} | {v / t['mean']:.2f} |")
+        print("\n".join(lines[-len(t) - 2 :]), flush=True)
 
     lines += [
         "",

@@ -30,6 +30,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 __all__ = [
@@ -272,16 +273,41 @@ def _pair_coef(lam, p: int, dtype):
     return jnp.asarray(lam, dtype) / max(p - 1, 1)
 
 
-def _basis_coeffs(geo: _Geometry, a: jax.Array, b: jax.Array, r: int) -> jax.Array:
-    """Top-r eigenvectors of X W X^T as p x r coefficients C (Y = X C); zero columns past the rank."""
-    K, D, pair_ok = geo.K, geo.D, geo.pair_ok
+# XLA:CPU runs a tiny dot as a library call costing ~1.1 us whatever its size, but a broadcast-multiply-
+# reduce of the same size as one fused loop costing ~0.25 us (p = 15, r = 8; benchmarks/aggregation.py's
+# solver rows). Below this many multiply-adds the p x p solver uses the fused form on CPU.
+_CPU_SMALL_DOT = 1 << 13
+
+
+def _dot(a, b):
+    """a @ b for the p x p solver: full precision (GPUs would round float32 to TF32), and on CPU a
+    fused broadcast-reduce when the product is tiny (see ``_CPU_SMALL_DOT``)."""
+    full = lambda a, b: jnp.dot(a, b, precision=lax.Precision.HIGHEST)
+    if a.ndim != 2 or b.ndim != 2 or a.shape[0] * a.shape[1] * b.shape[1] > _CPU_SMALL_DOT:
+        return full(a, b)
+    fused = lambda a, b: jnp.sum(a[:, :, None] * b[None, :, :], axis=1)
+    return lax.platform_dependent(a, b, cpu=fused, default=full)
+
+
+def _laplacian_weights(geo: _Geometry, b: jax.Array) -> jax.Array:
+    """(p, p) off-diagonal weights 2 b_ij / ||x_i - x_j||^2 of the pairwise term's Laplacian."""
+    return jnp.where(geo.pair_ok, 2 * b / jnp.where(geo.pair_ok, geo.D, 1), 0)
+
+
+def _basis_coeffs_eigh(geo: _Geometry, a: jax.Array, b: jax.Array | None, r: int) -> jax.Array:
+    """Reference path: top-r eigenvectors of X W X^T by two eigh calls, as p x r coefficients C
+    (Y = X C); zero columns past the rank. ``b=None``: no pairwise term, so W = diag(a)."""
+    K = geo.K
     dtype = K.dtype
-    Bt = jnp.where(pair_ok, 2 * b / jnp.where(pair_ok, D, 1), 0)
-    W = jnp.diag(a + Bt.sum(axis=1)) - Bt
-    W = (W + W.T) / 2
-    wl, Q = jnp.linalg.eigh(W)
-    F = Q * jnp.sqrt(jnp.maximum(wl, 0))[None, :]
-    S = F.T @ K @ F
+    if b is None:
+        F = jnp.diag(jnp.sqrt(a))
+    else:
+        Bt = _laplacian_weights(geo, b)
+        W = jnp.diag(a + Bt.sum(axis=1)) - Bt
+        W = (W + W.T) / 2
+        wl, Q = jnp.linalg.eigh(W)
+        F = Q * jnp.sqrt(jnp.maximum(wl, 0))[None, :]
+    S = _dot(_dot(F.T, K), F)
     S = (S + S.T) / 2
     mu, U = jnp.linalg.eigh(S)  # ascending
     mu = mu[::-1][:r]
@@ -289,34 +315,88 @@ def _basis_coeffs(geo: _Geometry, a: jax.Array, b: jax.Array, r: int) -> jax.Arr
     rtol = 8 * K.shape[0] * jnp.finfo(dtype).eps
     keep = mu > rtol * jnp.maximum(mu[0], jnp.finfo(dtype).tiny)
     inv = jnp.where(keep, 1 / jnp.sqrt(jnp.where(keep, mu, 1)), 0)
-    return (F @ U) * inv[None, :]
+    return _dot(F, U) * inv[None, :]
 
 
-def _evaluate(geo: _Geometry, C: jax.Array, lam, eps):
-    """Objective A(Y) and the next IRLS weights (a, b) for Y = X C."""
+def _cholesky_pass(C, KC, *, shift, drop):
+    """One Cholesky-QR pass in the metric K (see :func:`_cholesky_qr`)."""
+    dtype = C.dtype
+    r = C.shape[1]
+    G = _dot(C.T, KC)
+    g = jnp.diagonal(G)
+    live = g > jnp.finfo(dtype).tiny * 16
+    s = jnp.where(live, lax.rsqrt(jnp.where(live, g, 1)), 0)
+    Gs = G * s[:, None] * s[None, :]
+    Gs = jnp.where(live[:, None] & live[None, :], (Gs + Gs.T) / 2, 0)
+    Gs = Gs + jnp.diag(jnp.where(live, shift, 1).astype(dtype))
+    L = jnp.linalg.cholesky(Gs)
+    if drop is not None:
+        live = live & (jnp.diagonal(L) ** 2 > drop)
+    both = jnp.concatenate([C, KC], axis=0) * s[None, :]
+    both = jax.scipy.linalg.solve_triangular(L, both.T, lower=True).T
+    both = jnp.where(live[None, :], both, 0)
+    p = C.shape[0]
+    return both[:p], both[p:], jnp.all(jnp.isfinite(L))
+
+
+def _cholesky_qr(C, KC, *, shift):
+    """K-orthonormalise the columns of C (Gram-Schmidt in the metric K by Cholesky factors of the
+    r x r matrix C^T K C; CholeskyQR2): returns (C', K C') with span(C') = span(C) and
+    C'^T K C' = I to working precision. Both passes equilibrate the columns; the first adds a
+    relative ``shift`` to the diagonal so that nearly dependent columns (an ill-conditioned C) cannot
+    blow up, the second restores exact orthonormality and drops (zeroes) a column whose direction
+    still lies in the span of the earlier ones: that happens when the points span fewer than r
+    dimensions (rank-deficient stacks), and such a column stays zero."""
+    C1, KC1, _ = _cholesky_pass(C, KC, shift=shift, drop=None)
+    # the second pass sees nearly orthonormal columns: its shift must be at rounding level, or the
+    # result is only orthonormal to within the shift, and ratios near 1 (points in the subspace,
+    # whose IRLS weights are large) come out visibly below 1
+    C2, KC2, ok = _cholesky_pass(C1, KC1, shift=4 * float(jnp.finfo(C.dtype).eps), drop=0.01)
+    # when the points span fewer than r dimensions the first pass leaves dependent columns as small
+    # rounding noise, the second pass's Cholesky then fails (NaN): keep the first pass's result, whose
+    # noise columns :func:`_reorthonormalise` zeroes at the end
+    return jnp.where(ok, C2, C1), jnp.where(ok, KC2, KC1)
+
+
+def _subspace_step(geo: _Geometry, a, Bt, C, KC, *, shift):
+    """One orthogonal (subspace) iteration for the top-r eigenvectors of M = X W X^T in coefficient
+    space: M (X C) = X (W K C), so C <- orth_K(W K C). Matmuls and one r x r Cholesky only."""
+    WV = a[:, None] * KC
+    if Bt is not None:
+        WV = WV + Bt.sum(axis=1)[:, None] * KC - _dot(Bt, KC)
+    return _cholesky_qr(WV, _dot(geo.K, WV), shift=shift)
+
+
+def _evaluate(geo: _Geometry, V: jax.Array, lam, eps, pairwise: bool):
+    """Objective A(Y) and the next IRLS weights (a, b) from V = K C (row i = Y^T x_i, Y = X C
+    orthonormal). ``pairwise=False`` (lam statically 0) skips the pairwise term (b = None)."""
     K, valid, D, pair_ok = geo
     p = K.shape[0]
     dtype = K.dtype
-    V = K @ C  # row i = Y^T x_i
-    ratios = jnp.where(valid, jnp.clip(jnp.sum(V * V, axis=1), 0, 1), 0)
+    n2 = jnp.sum(V * V, axis=1)
+    ratios = jnp.where(valid, jnp.clip(n2, 0, 1), 0)
     s = jnp.where(valid, 1 - ratios, 0)
-    diff = V[:, None, :] - V[None, :, :]
-    u = jnp.sum(diff * diff, axis=-1) / jnp.where(pair_ok, D, 1)
+    obj = jnp.sum(jnp.sqrt(s))
+    a = jnp.where(valid, lax.rsqrt(s + eps), 0)
+    if not pairwise:
+        return obj, ratios, a, None
+    # ||Y^T (x_i - x_j)||^2 = n_i + n_j - 2 <v_i, v_j>
+    u = jnp.maximum(n2[:, None] + n2[None, :] - 2 * _dot(V, V.T), 0) / jnp.where(pair_ok, D, 1)
     t = jnp.where(pair_ok, 1 - jnp.clip(u, 0, 1), 0)
     coef = _pair_coef(lam, p, dtype)
-    obj = jnp.sum(jnp.sqrt(s)) + coef * jnp.sum(jnp.sqrt(t))
-    a = jnp.where(valid, lax.rsqrt(s + eps), 0)
+    obj = obj + coef * jnp.sum(jnp.sqrt(t))
     b = jnp.where(pair_ok, coef * lax.rsqrt(t + eps), 0)
     return obj, ratios, a, b
 
 
 class _State(NamedTuple):
     C: jax.Array
+    KC: jax.Array
     weights: jax.Array
     obj: jax.Array
     ratios: jax.Array
     next_a: jax.Array
-    next_b: jax.Array
+    next_b: jax.Array | None
     step: jax.Array
     trace: jax.Array
     converged: jax.Array
@@ -327,15 +407,47 @@ def _reorthonormalise(K: jax.Array, C: jax.Array) -> jax.Array:
     working precision; column order is kept, zero columns stay zero, and each column's sign is fixed
     so that its inner product with sum_i x_i is >= 0 (a canonical basis for jit/eager comparisons)."""
     r = C.shape[1]
-    Gm = C.T @ K @ C
+    Gm = _dot(C.T, _dot(K, C))
     Gm = (Gm + Gm.T) / 2
     zero = jnp.diagonal(Gm) < 0.5
     Gm = jnp.where(zero[:, None] | zero[None, :], 0, Gm) + jnp.diag(zero.astype(C.dtype))
     L = jnp.linalg.cholesky(Gm)
     C = jax.scipy.linalg.solve_triangular(L, C.T, lower=True).T
     C = jnp.where(zero[None, :], 0, C)
-    side = jnp.sum(K @ C, axis=0)
+    side = jnp.sum(_dot(K, C), axis=0)
     return C * jnp.where(side < 0, -1, 1).astype(C.dtype)[None, :r]
+
+
+METHODS = ("subspace", "eigh")
+INNER_ITERS = 2  #: default subspace iterations per IRLS step (warm-started)
+START_ITERS = 8  #: default subspace iterations for the flag-mean start (from a fixed Gaussian block)
+
+
+def solver_options(method: str, inner_iters: int, start_iters: int, lam) -> tuple:
+    """Checked static solver options as a hashable tuple of (name, value) for :func:`solve_gram`.
+
+    ``pairwise`` is False exactly when ``lam`` is a Python number equal to 0 (known when tracing),
+    so the pairwise term's p x p work is left out of the program; a traced ``lam`` keeps it."""
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}; got {method!r}")
+    for name, v in (("inner_iters", inner_iters), ("start_iters", start_iters)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name} must be a positive Python int (static); got {v!r}")
+    pairwise = not (isinstance(lam, (int, float)) and not isinstance(lam, bool) and lam == 0)
+    return (("inner_iters", inner_iters), ("method", method), ("pairwise", pairwise), ("start_iters", start_iters))
+
+
+def _start_block(K: jax.Array, valid: jax.Array, r: int) -> jax.Array:
+    """(p, r) start of the subspace iteration: rows of a fixed Gaussian block (a constant of the
+    program, so no start column is orthogonal to the top eigenvectors except by accident), handed
+    out to the points in the order of their summed cosines K 1 (largest first; invalid rows last, with
+    zero rows). So the start, and with it the whole iteration, follows any permutation of the points,
+    and a stack with some rows dropped starts its valid rows exactly as the stack without them does."""
+    p = K.shape[0]
+    omega = jnp.asarray(np.random.default_rng(0).standard_normal((p, r)), K.dtype)
+    key = jnp.where(valid, K.sum(axis=1), -jnp.inf)
+    rank = jnp.argsort(jnp.argsort(-key, stable=True), stable=True)
+    return jnp.where(valid[:, None], omega[rank], 0)
 
 
 def solve_gram(
@@ -347,8 +459,29 @@ def solve_gram(
     *,
     r: int,
     max_iters: int = 10,
+    method: str = "subspace",
+    inner_iters: int = INNER_ITERS,
+    start_iters: int = START_ITERS,
+    pairwise: bool = True,
 ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array, jax.Array, jax.Array, jax.Array]:
     """Flag-median IRLS entirely in p-space (the inner solver of :func:`flag_median`).
+
+    Runs exactly ``max_iters`` IRLS steps (a loop with a static trip count, so nothing goes back to
+    the host on an accelerator); once the relative objective decrease falls below ``tol`` the state
+    is frozen by a select, so the result, ``num_steps`` and the trace are those of a loop that stopped
+    there.
+
+    Two ways to get each step's top-r eigenvectors of M = X W X^T (docs/design.md section 1.1):
+
+    * ``method="subspace"`` (default): orthogonal iteration in coefficient space, C <- orth_K(W K C),
+      with a Cholesky-QR orthonormalisation in the K metric: matmuls and one r x r Cholesky per
+      iteration, no eigendecomposition. The flag-mean start runs ``start_iters`` iterations from a
+      fixed Gaussian block; every IRLS step then runs ``inner_iters`` iterations warm-started from the
+      previous step's basis. Each step is an inexact majorise-minimise step: the span converges at the
+      rate mu_{r+1} / mu_r per iteration, so where the eigen-gap at r is small the subspace differs from
+      the exact top-r one (the objective stays close; docs/guide.md quantifies both).
+    * ``method="eigh"``: the exact reference, two ``eigh`` per step (one for W^1/2 when the pairwise
+      term is on, one for the p x p matrix S = W^1/2 K W^1/2).
 
     Args:
       K: (p, p) Gram matrix of unit directions (zero rows/columns and diagonal for invalid rows).
@@ -356,35 +489,50 @@ def solve_gram(
       lam, eps, tol: scalars (traced; vmap over them): pairwise weight, IRLS smoothing, and the
         relative objective decrease below which the loop stops.
       r: static subspace rank, 1 <= r <= p.
-      max_iters: static maximum number of IRLS steps after the flag-mean start.
+      max_iters: static number of IRLS steps after the flag-mean start.
+      method: static, "subspace" or "eigh".
+      inner_iters, start_iters: static iteration counts of the subspace method (ignored by "eigh").
+      pairwise: static; False drops the pairwise term's work (only valid when lam is 0).
 
     Returns:
       (C, ratios, weights, objective, trace, num_steps, converged): C is (p, r) with Y = X C.
     """
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}; got {method!r}")
     p = K.shape[0]
     dtype = K.dtype
     lam = jnp.asarray(lam, dtype)
     eps = jnp.asarray(eps, dtype)
     tol = jnp.asarray(tol, dtype)
     geo = _geometry(K, valid)
+    shift = float(8 * r * jnp.finfo(dtype).eps) if dtype == jnp.float64 else float(32 * r * jnp.finfo(dtype).eps)
     a0 = valid.astype(dtype)
-    b0 = jnp.where(geo.pair_ok, _pair_coef(lam, p, dtype), 0)
-    C0 = _basis_coeffs(geo, a0, b0, r)
-    obj0, ratios0, na, nb = _evaluate(geo, C0, lam, eps)
+    b0 = jnp.where(geo.pair_ok, _pair_coef(lam, p, dtype), 0) if pairwise else None
+
+    def solve(a, b, C, KC, iters):
+        if method == "eigh":
+            C = _basis_coeffs_eigh(geo, a, b, r)
+            return C, _dot(K, C)
+        Bt = None if b is None else _laplacian_weights(geo, b)
+        step = lambda _, c: _subspace_step(geo, a, Bt, *c, shift=shift)
+        return lax.fori_loop(0, iters, step, (C, KC), unroll=min(iters, 2))
+
+    C0 = _start_block(K, valid, r)
+    C0, KC0 = _cholesky_qr(C0, _dot(K, C0), shift=shift) if method == "subspace" else (C0, C0)
+    C0, KC0 = solve(a0, b0, C0, KC0, start_iters)
+    obj0, ratios0, na, nb = _evaluate(geo, KC0, lam, eps, pairwise)
     trace0 = jnp.full((max_iters + 1,), jnp.nan, dtype).at[0].set(obj0)
-    state = _State(C0, a0, obj0, ratios0, na, nb, jnp.int32(0), trace0, jnp.array(False))
+    state = _State(C0, KC0, a0, obj0, ratios0, na, nb, jnp.int32(0), trace0, jnp.array(False))
 
-    def cond(st: _State):
-        return (st.step < max_iters) & ~st.converged
-
-    def body(st: _State):
-        C = _basis_coeffs(geo, st.next_a, st.next_b, r)
-        obj, ratios, na, nb = _evaluate(geo, C, lam, eps)
+    def body(_, st: _State):
+        C, KC = solve(st.next_a, st.next_b, st.C, st.KC, inner_iters)
+        obj, ratios, na, nb = _evaluate(geo, KC, lam, eps, pairwise)
         dec = (st.obj - obj) / jnp.maximum(jnp.abs(st.obj), jnp.finfo(dtype).tiny)
         step = st.step + 1
-        return _State(C, st.next_a, obj, ratios, na, nb, step, st.trace.at[step].set(obj), dec < tol)
+        new = _State(C, KC, st.next_a, obj, ratios, na, nb, step, st.trace.at[step].set(obj), dec < tol)
+        return jax.tree.map(lambda old, nw: jnp.where(st.converged, old, nw), st, new)
 
-    st = lax.while_loop(cond, body, state)
+    st = lax.fori_loop(0, max_iters, body, state)
     C = _reorthonormalise(K, st.C)
     return C, st.ratios, st.weights, st.obj, st.trace, st.step, st.converged
 
@@ -426,11 +574,14 @@ def flag_median(
     eps=1e-6,
     max_iters: int = 10,
     tol=1e-5,
+    method: str = "subspace",
+    inner_iters: int = INNER_ITERS,
+    start_iters: int = START_ITERS,
 ) -> FlagSolution:
     """Flag median of the rows of ``points`` by IRLS in Gram space (paper eq. 5, Algorithm 1).
 
     Starts from the flag mean (all weights 1, pairwise weights lam/(p-1)), then runs up to
-    ``max_iters`` IRLS steps, stopping when (A_{t-1} - A_t) / |A_{t-1}| < tol. Non-finite and zero
+    ``max_iters`` IRLS steps (a fixed trip count; converged values are frozen), stopping when (A_{t-1} - A_t) / |A_{t-1}| < tol. Non-finite and zero
     rows get weight 0 and are reported in ``valid``/``status``. Jit with ``r``/``max_iters`` static;
     ``lam``, ``eps`` and ``tol`` are traced, so ``jax.vmap`` over them (or over a batch of stacks)
     works.
@@ -443,23 +594,26 @@ def flag_median(
       eps: scalar > 0, IRLS smoothing in a_i = (1 - v_i + eps)^(-1/2).
       max_iters: static int >= 0, maximum IRLS steps after the flag mean (0 returns the flag mean).
       tol: scalar, relative objective decrease that stops the loop.
+      method, inner_iters, start_iters: static; how each step's top-r eigenvectors are found, see
+        :func:`solve_gram` ("subspace", the default, calls no eigendecomposition; "eigh" is exact).
 
     Returns:
       A :class:`FlagSolution`; float dtype is float32, or float64 for float64 input.
     """
     _check_points(points, r)
     _check_iters(max_iters)
+    opts = solver_options(method, inner_iters, start_iters, lam)
     # one compiled program per (shape, dtype, r, max_iters): called eagerly (a notebook, a test, the
     # released-code comparison), op-by-op dispatch costs seconds per new shape and ~0.1 s per call
     # (benchmarks/eager_calls.py); inside an outer jit/vmap this is a nested call
-    return _flag_median_jit(jnp.asarray(points), lam, eps, tol, r=r, max_iters=max_iters)
+    return _flag_median_jit(jnp.asarray(points), lam, eps, tol, r=r, max_iters=max_iters, opts=opts)
 
 
-@functools.partial(jax.jit, static_argnames=("r", "max_iters"))
-def _flag_median_jit(points, lam, eps, tol, *, r: int, max_iters: int) -> FlagSolution:
+@functools.partial(jax.jit, static_argnames=("r", "max_iters", "opts"))
+def _flag_median_jit(points, lam, eps, tol, *, r: int, max_iters: int, opts: tuple) -> FlagSolution:
     info = prepare_gram(points)
     C, ratios, weights, obj, trace, steps, converged = solve_gram(
-        info.K, info.valid, lam, eps, tol, r=r, max_iters=max_iters
+        info.K, info.valid, lam, eps, tol, r=r, max_iters=max_iters, **dict(opts)
     )
     X = unit_rows(points)
     basis = jnp.dot(X.T, C, precision=lax.Precision.HIGHEST)

@@ -18,21 +18,32 @@ def _points(rng, p, d, spread=1.0):
 CASES = [(5, 4, 2), (7, 50, 3), (15, 300, 8), (15, 40, 15), (10, 1000, 1)]
 
 
+# The subspace method with enough iterations per step is the exact IRLS. Two of these cases have small
+# eigen-gaps at r (mu_{r+1} / mu_r near 1: (15, 300, 8) and (7, 50, 3) at lam = 0.7), where the span converges
+# slowly; these counts bring every case to within 1e-4 (projector) of the reference. The defaults are
+# checked on stacks with a gap further down, and against the eigh path on gapless ones.
+CONVERGED = {"method": "subspace", "start_iters": 3000, "inner_iters": 1000}
+
+
 @pytest.mark.parametrize("p,d,r", CASES)
 @pytest.mark.parametrize("lam", [0.0, 0.7, 4.0])
-def test_matches_dense_reference(x64, p, d, r, lam):
+@pytest.mark.parametrize("opts", [{"method": "eigh"}, CONVERGED], ids=["eigh", "subspace"])
+def test_matches_dense_reference(x64, p, d, r, lam, opts):
     rng = np.random.default_rng(p * 100 + d + int(lam * 10))
     g = _points(rng, p, d)
-    sol = flag_median(jnp.asarray(g), r, lam=lam, max_iters=6, tol=-np.inf)
+    sol = flag_median(jnp.asarray(g), r, lam=lam, max_iters=6, tol=-np.inf, **opts)
     Y, trace = dense_flag_median(g, r, lam=lam, iters=6)
     B = np.asarray(sol.basis)
     chex.assert_shape(sol.basis, (d, r))
     chex.assert_shape(sol.coeffs, (p, r))
     chex.assert_shape(sol.trace, (7,))
     chex.assert_type(sol.basis, jnp.float64)
-    assert projector_distance(B, Y) < 1e-6
+    exact = opts["method"] == "eigh"
+    assert projector_distance(B, Y) < (1e-6 if exact else 1e-4)
     # r == p: every point lies in the subspace and the objective is pure rounding noise
-    np.testing.assert_allclose(np.asarray(sol.trace), trace, rtol=1e-9, atol=1e-5 if r == p else 1e-8)
+    np.testing.assert_allclose(
+        np.asarray(sol.trace), trace, rtol=1e-9 if exact else 1e-3, atol=1e-5 if r == p else 1e-8
+    )
     np.testing.assert_allclose(B.T @ B, np.eye(r), atol=1e-9)
     assert int(sol.num_steps) == 6
     assert int(sol.status) == FlagStatus.MAX_STEPS
@@ -62,14 +73,24 @@ def test_objective_non_increasing(x64, lam):
         assert np.all(np.diff(tr) <= 1e-4), tr
 
 
-def test_float32_orthonormal_and_close_to_float64():
-    g = _points(np.random.default_rng(1), 15, 5000).astype(np.float32)
-    sol = flag_median(jnp.asarray(g), 8, max_iters=5)
+@pytest.mark.parametrize("method", ["eigh", "subspace"])
+def test_float32_orthonormal_and_close_to_float64(method):
+    """Each method in float32 against itself in float64 (the default, too, where the top-r span is not
+    converged on this gapless stack), and the exact path against the dense reference."""
+    g = _points(np.random.default_rng(1), 15, 5000)
+    sol = flag_median(jnp.asarray(g, jnp.float32), 8, max_iters=5, method=method)
     chex.assert_type(sol.basis, jnp.float32)
     B = np.asarray(sol.basis, np.float64)
     np.testing.assert_allclose(B.T @ B, np.eye(8), atol=1e-4)
-    Y, _ = dense_flag_median(g.astype(np.float64), 8, iters=int(sol.num_steps))
-    assert projector_distance(B, Y) < 1e-3
+    with jax.enable_x64(True):
+        sol64 = flag_median(jnp.asarray(g), 8, max_iters=5, method=method)
+        B64 = np.asarray(sol64.basis)
+    assert projector_distance(B, B64) < 1e-3
+    # sqrt(1 - ratio) of points near the subspace magnifies float32 rounding: ~1e-4 (eigh), ~6e-4 (subspace)
+    np.testing.assert_allclose(float(sol.objective), float(sol64.objective), rtol=2e-3)
+    if method == "eigh":
+        Y, _ = dense_flag_median(g, 8, iters=int(sol.num_steps))
+        assert projector_distance(B, Y) < 1e-3
 
 
 def test_converges_and_reports_status():
@@ -82,9 +103,10 @@ def test_converges_and_reports_status():
     assert np.all(np.isfinite(tr[: int(sol.num_steps) + 1]))
 
 
-def test_max_iters_zero_is_flag_mean(x64):
+@pytest.mark.parametrize("opts", [{"method": "eigh"}, CONVERGED], ids=["eigh", "subspace"])
+def test_max_iters_zero_is_flag_mean(x64, opts):
     g = _points(np.random.default_rng(4), 8, 60)
-    sol = flag_median(jnp.asarray(g), 3, max_iters=0)
+    sol = flag_median(jnp.asarray(g), 3, max_iters=0, **opts)
     Y, _ = dense_flag_median(g, 3, iters=0)
     assert projector_distance(np.asarray(sol.basis), Y) < 1e-9
     np.testing.assert_array_equal(np.asarray(sol.weights), np.ones(8))

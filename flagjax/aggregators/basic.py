@@ -73,6 +73,9 @@ def flag_with_info(
     tol=1e-5,
     eps=1e-6,
     output: str = "code",
+    method: str = "subspace",
+    inner_iters: int = solver.INNER_ITERS,
+    start_iters: int = solver.START_ITERS,
 ) -> tuple[jax.Array, FlagInfo]:
     """Flag Aggregator with diagnostics: (p, d) stack -> ((d,) aggregate, :class:`FlagInfo`).
 
@@ -100,6 +103,8 @@ def flag_with_info(
       tol: relative objective decrease that stops IRLS (traced).
       eps: IRLS smoothing (traced).
       output: "code" or "paper", see above (static).
+      method, inner_iters, start_iters: static solver options (:func:`flagjax.solver.solve_gram`):
+        "subspace" (default, no eigendecomposition) or "eigh" (the exact reference).
     """
     del f, key
     p = stack.shape[0]
@@ -109,30 +114,47 @@ def flag_with_info(
         raise ValueError(f"output must be one of {FLAG_OUTPUTS}; got {output!r}")
     solver._check_points(stack, r)
     solver._check_iters(max_iters)
-    # one compiled program per (shape, dtype, r, max_iters, output): eager callers (notebooks, tests,
-    # flagjax.aggregate) otherwise compile every small op of the IRLS loop anew; nested under jit
-    return _flag_with_info_jit(jnp.asarray(stack), lam, tol, eps, r=r, max_iters=max_iters, output=output)
+    opts = solver.solver_options(method, inner_iters, start_iters, lam)
+    # one compiled program per (shape, dtype, r, max_iters, output, solver options): eager callers
+    # (notebooks, tests, flagjax.aggregate) otherwise compile every small op of the IRLS loop anew
+    return _flag_with_info_jit(jnp.asarray(stack), lam, tol, eps, r=r, max_iters=max_iters, output=output, opts=opts)
 
 
-@functools.partial(jax.jit, static_argnames=("r", "max_iters", "output"))
-def _flag_with_info_jit(stack, lam, tol, eps, *, r: int, max_iters: int, output: str):
+@functools.partial(jax.jit, static_argnames=("r", "max_iters", "output", "opts"))
+def _flag_with_info_jit(stack, lam, tol, eps, *, r: int, max_iters: int, output: str, opts: tuple):
     info = solver.prepare_gram(stack)
-    q, fi = flag_coefficients(info, r=r, lam=lam, max_iters=max_iters, tol=tol, eps=eps, output=output)
+    q, fi = _coefficients(info, r, lam, max_iters, tol, eps, output, opts)
     agg = solver.combine_rows(stack, q, info)
     out_dtype = stack.dtype if jnp.issubdtype(stack.dtype, jnp.floating) else info.K.dtype
     return agg.astype(out_dtype), fi
 
 
 def flag_coefficients(
-    info: solver.GramInfo, *, r: int, lam=0.0, max_iters: int = 10, tol=1e-5, eps=1e-6, output: str = "code"
+    info: solver.GramInfo,
+    *,
+    r: int,
+    lam=0.0,
+    max_iters: int = 10,
+    tol=1e-5,
+    eps=1e-6,
+    output: str = "code",
+    method: str = "subspace",
+    inner_iters: int = solver.INNER_ITERS,
+    start_iters: int = solver.START_ITERS,
 ) -> tuple[jax.Array, FlagInfo]:
     """FA in Gram space: (q, :class:`FlagInfo`) with aggregate = sum_i q_i x_i (unit directions).
 
     Shared by :func:`flag_with_info` and the sharded training layout (which builds ``info`` from a
-    psum of partial Gram matrices and applies q to its slice of the rows).
+    psum of partial Gram matrices and applies q to its slice of the rows). Options as
+    :func:`flag_with_info`.
     """
+    opts = solver.solver_options(method, inner_iters, start_iters, lam)
+    return _coefficients(info, r, lam, max_iters, tol, eps, output, opts)
+
+
+def _coefficients(info, r, lam, max_iters, tol, eps, output, opts):
     C, ratios, weights, obj, _, steps, converged = solver.solve_gram(
-        info.K, info.valid, lam, eps, tol, r=r, max_iters=max_iters
+        info.K, info.valid, lam, eps, tol, r=r, max_iters=max_iters, **dict(opts)
     )
     K = info.K
     dtype = K.dtype

@@ -1,0 +1,107 @@
+"""Where the p x p solver's time goes on an accelerator: per-iteration latency of its building blocks.
+
+Usage:
+    python benchmarks/solver_latency.py [--out FILE.md]
+
+Each row jits a fixed-trip-count loop (``lax.fori_loop``, 64 iterations) of one building block of
+:func:`flagjax.solver.solve_gram` at p = 15, r = 8 (float32) and reports microseconds per iteration
+(median of repeats, after a warm-up), next to whole solves. A block that costs far more than its
+arithmetic is launch- or call-latency; comparing rows says whether the loop's cost is its library calls
+(cuSOLVER Cholesky / triangular solve, LAPACK on CPU) or its many small kernels, which decides the next
+step of the solver (a matmul-only loop that CUDA graphs can capture, or one Pallas kernel).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import time
+
+import _report  # benchmarks/_report.py
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from flagjax import solver
+
+N = 64
+
+
+def _time(fn, *args, repeats=21):
+    jax.block_until_ready(fn(*args))
+    ts = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        ts.append(time.perf_counter() - t0)
+    return 1e6 * statistics.median(ts)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+    p, r, d = 15, 8, 10_000
+    rng = np.random.default_rng(0)
+    G = jnp.asarray((rng.normal(size=d)[None] + rng.normal(size=(p, d))).astype(np.float32))
+    info = solver.prepare_gram(G)
+    K, valid = info.K, info.valid
+    C = jnp.asarray(rng.normal(size=(p, r)), jnp.float32)
+    S = jnp.eye(r, dtype=jnp.float32) * 2 + 0.1
+    hi = lax.Precision.HIGHEST
+
+    def loop(body, x):
+        return jax.jit(lambda x: lax.fori_loop(0, N, lambda i, x: body(x), x))
+
+    blocks = {
+        "elementwise (p x r)": (lambda x: jnp.tanh(x) * 1.0001, C),
+        "dot (p x p) @ (p x r)": (lambda x: jnp.dot(K, x, precision=hi) * 0.1, C),
+        "dot (r x p) @ (p x r)": (lambda x: x + 1e-3 * jnp.dot(C.T, jnp.dot(K, C, precision=hi), precision=hi)[0, 0], C),
+        "cholesky (r x r)": (lambda x: jnp.linalg.cholesky(x) @ jnp.linalg.cholesky(x).T * 0.5 + jnp.eye(r), S),
+        "triangular solve (r x r, 2p rhs)": (
+            lambda x: jax.scipy.linalg.solve_triangular(jnp.tril(S) + 3 * jnp.eye(r), x, lower=True),
+            jnp.concatenate([C, C]).T,
+        ),
+        "eigh (p x p)": (lambda x: jnp.linalg.eigh(x)[1] @ jnp.diag(jnp.arange(p, dtype=x.dtype)) @ jnp.linalg.eigh(x)[1].T + K, K),
+        "subspace step (CholeskyQR2)": (
+            lambda c: solver._subspace_step(solver._geometry(K, valid), valid.astype(K.dtype), None, c[0], c[1], shift=1e-4),
+            (C, K @ C),
+        ),
+    }
+    rows = []
+    for name, (body, x) in blocks.items():
+        rows.append((name, _time(loop(body, x), x) / N))
+        print(rows[-1], flush=True)
+    whole = {}
+    for label, kw in {
+        "solve_gram subspace (default: 8 + 10 x 2 iterations)": {},
+        "solve_gram subspace, max_iters=0 (start only)": {"max_iters": 0},
+        "solve_gram eigh (11 eigh)": {"method": "eigh"},
+    }.items():
+        fn = jax.jit(lambda K, v, kw=kw: solver.solve_gram(K, v, r=r, pairwise=False, **kw)[0])
+        whole[label] = _time(fn, K, valid)
+        print(label, whole[label], flush=True)
+    lines = [
+        "# Solver latency",
+        "",
+        f"Produced by `python benchmarks/solver_latency.py {' '.join(argv if argv is not None else sys.argv[1:])}` on "
+        f"{platform.machine()}, {os.cpu_count()} CPU cores, JAX {jax.__version__} ({jax.default_backend()}: "
+        f"{jax.devices()[0].device_kind}); XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}; p = {p}, r = {r}, float32.",
+        "",
+        f"| building block, in a {N}-iteration fori_loop | us / iteration |",
+        "|---|---|",
+    ]
+    lines += [f"| {n} | {v:.1f} |" for n, v in rows]
+    lines += ["", "| whole solve (jitted, one call) | us |", "|---|---|"]
+    lines += [f"| {n} | {v:.0f} |" for n, v in whole.items()]
+    text = "\n".join(lines) + "\n"
+    print(text)
+    _report.save(text, args.out)
+
+
+if __name__ == "__main__":
+    main()
