@@ -34,13 +34,16 @@ def test_mean_matches_numpy(x64):
 @pytest.mark.parametrize("lam", [0.0, 1.0])
 def test_flag_code_output_max_iters_0_reproduces_released_code(x64, lam):
     g = np.random.default_rng(1).normal(size=(9, 400)) * np.arange(1, 10)[:, None]
-    out = flagjax.aggregate("flag", jnp.asarray(g), f=2, r=4, lam=lam, max_iters=0, output="code")
-    np.testing.assert_allclose(out, released_code_flag(g, 4, lam=lam), rtol=1e-9, atol=1e-12)
+    ref = released_code_flag(g, 4, lam=lam)
+    out = flagjax.aggregate("flag", jnp.asarray(g), f=2, r=4, lam=lam, max_iters=0, output="code", method="eigh")
+    # (exact path only: these rows are pure noise with no common direction, so the top-4 span of the
+    # flag mean is set by small eigen-gaps that the default solver's 8 start iterations do not resolve)
+    np.testing.assert_allclose(out, ref, rtol=1e-9, atol=1e-12)
 
 
 def test_flag_paper_output_is_projection_of_raw_gradients(x64):
     g = np.random.default_rng(2).normal(size=(8, 60)) * np.arange(1, 9)[:, None]
-    out, info = aggregators.flag_with_info(jnp.asarray(g), r=3, max_iters=6, tol=-np.inf, output="paper")
+    out, info = aggregators.flag_with_info(jnp.asarray(g), r=3, max_iters=6, tol=-np.inf, output="paper", method="eigh")
     Y, _ = dense_flag_median(g, 3, iters=6)
     np.testing.assert_allclose(out, Y @ (Y.T @ g.sum(0)) / 8, rtol=1e-7, atol=1e-10)
     np.testing.assert_allclose(np.asarray(info.coefficients) @ g, out, rtol=1e-9, atol=1e-12)
@@ -52,7 +55,7 @@ def test_flag_default_rank_and_info(x64):
     assert aggregators.default_rank(15) == 8
     assert aggregators.default_rank(1) == 1
     g = np.random.default_rng(3).normal(size=(15, 50))
-    out, info = aggregators.flag_with_info(jnp.asarray(g))
+    out, info = aggregators.flag_with_info(jnp.asarray(g), method="eigh")
     Y, _ = dense_flag_median(g, 8, iters=int(info.num_steps))
     X = g / np.linalg.norm(g, axis=1, keepdims=True)
     np.testing.assert_allclose(out, Y @ (Y.T @ X.sum(0)) / 8, rtol=1e-7, atol=1e-10)
