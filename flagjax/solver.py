@@ -359,13 +359,18 @@ def _cholesky_qr(C, KC, *, shift):
     return jnp.where(ok, C2, C1), jnp.where(ok, KC2, KC1)
 
 
-def _subspace_step(geo: _Geometry, a, Bt, C, KC, *, shift):
+def _subspace_step(geo: _Geometry, a, Bt, C, KC, *, shift, exact: bool = True):
     """One orthogonal (subspace) iteration for the top-r eigenvectors of M = X W X^T in coefficient
-    space: M (X C) = X (W K C), so C <- orth_K(W K C). Matmuls and one r x r Cholesky only."""
+    space: M (X C) = X (W K C), so C <- orth_K(W K C). Matmuls and r x r Cholesky factors only.
+    ``exact=False`` orthonormalises with the shifted first pass alone: the same span, orthonormal only
+    to within the shift, which is all the next iteration needs (the last one before an evaluation of
+    the objective is exact)."""
     WV = a[:, None] * KC
     if Bt is not None:
         WV = WV + Bt.sum(axis=1)[:, None] * KC - _dot(Bt, KC)
-    return _cholesky_qr(WV, _dot(geo.K, WV), shift=shift)
+    if exact:
+        return _cholesky_qr(WV, _dot(geo.K, WV), shift=shift)
+    return _cholesky_pass(WV, _dot(geo.K, WV), shift=shift, drop=None)[:2]
 
 
 def _evaluate(geo: _Geometry, V: jax.Array, lam, eps, pairwise: bool):
@@ -405,18 +410,16 @@ class _State(NamedTuple):
 
 def _reorthonormalise(K: jax.Array, C: jax.Array) -> jax.Array:
     """C -> C L^-T with C^T K C = L L^T (Gram-Schmidt in the K metric), so (X C)^T (X C) = I to
-    working precision; column order is kept, zero columns stay zero, and each column's sign is fixed
-    so that its inner product with sum_i x_i is >= 0 (a canonical basis for jit/eager comparisons)."""
-    r = C.shape[1]
-    Gm = _dot(C.T, _dot(K, C))
-    Gm = (Gm + Gm.T) / 2
-    zero = jnp.diagonal(Gm) < 0.5
-    Gm = jnp.where(zero[:, None] | zero[None, :], 0, Gm) + jnp.diag(zero.astype(C.dtype))
-    L = jnp.linalg.cholesky(Gm)
-    C = jax.scipy.linalg.solve_triangular(L, C.T, lower=True).T
+    working precision; column order is kept, columns of K-norm^2 below 1/2 (past the rank) become zero,
+    and each column's sign is fixed so that its inner product with sum_i x_i is >= 0 (a canonical
+    basis for jit/eager comparisons)."""
+    KC = _dot(K, C)
+    zero = jnp.sum(C * KC, axis=0) < 0.5
     C = jnp.where(zero[None, :], 0, C)
-    side = jnp.sum(_dot(K, C), axis=0)
-    return C * jnp.where(side < 0, -1, 1).astype(C.dtype)[None, :r]
+    KC = jnp.where(zero[None, :], 0, KC)
+    C, KC, _ = _cholesky_pass(C, KC, shift=4 * float(jnp.finfo(C.dtype).eps), drop=None)
+    side = jnp.sum(KC, axis=0)
+    return C * jnp.where(side < 0, -1, 1).astype(C.dtype)[None, :]
 
 
 METHODS = ("subspace", "subspace_xla", "pallas", "eigh")
@@ -549,11 +552,12 @@ def solve_gram(
             C = _basis_coeffs_eigh(geo, a, b, r)
             return C, _dot(K, C)
         Bt = None if b is None else _laplacian_weights(geo, b)
-        step = lambda _, c: _subspace_step(geo, a, Bt, *c, shift=shift)
-        return lax.fori_loop(0, iters, step, (C, KC), unroll=min(iters, 2))
+        step = lambda _, c: _subspace_step(geo, a, Bt, *c, shift=shift, exact=False)
+        C, KC = lax.fori_loop(0, iters - 1, step, (C, KC), unroll=min(iters - 1, 2) or 1)
+        return _subspace_step(geo, a, Bt, C, KC, shift=shift)
 
     C0 = _start_block(K, valid, r)
-    C0, KC0 = _cholesky_qr(C0, _dot(K, C0), shift=shift) if method != "eigh" else (C0, C0)
+    C0, KC0 = _cholesky_pass(C0, _dot(K, C0), shift=shift, drop=None)[:2] if method != "eigh" else (C0, C0)
     C0, KC0 = solve(a0, b0, C0, KC0, start_iters)
     obj0, ratios0, na, nb = _evaluate(geo, KC0, lam, eps, pairwise)
     trace0 = jnp.full((max_iters + 1,), jnp.nan, dtype).at[0].set(obj0)
