@@ -523,7 +523,10 @@ def solve_gram(
             f"method='pallas' runs lam = 0 (a Python 0, so the pairwise term is left out) and p <= "
             f"{solver_kernel.MAX_P}; got lam {'traced or non-zero' if pairwise else '0'} and p = {p}"
         )
-    if method in ("pallas", "subspace") and kernel_ok:
+    # the kernel branch is traced only where a GPU is the default backend: tracing it costs about a
+    # second per compiled program, which a CPU-only process would pay for nothing
+    gpu = jax.default_backend() == "gpu"
+    if method == "pallas" or (method == "subspace" and kernel_ok and gpu):
         kw = dict(r=r, max_iters=max_iters, inner_iters=inner_iters, start_iters=start_iters, shift=shift)
         args = (K, valid, _start_block(K, valid, r), eps, tol)
         kernel = lambda *a: solver_kernel.solve_gram_kernel(*a, **kw)  # noqa: E731
