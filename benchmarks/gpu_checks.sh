@@ -12,11 +12,13 @@ Q=${QUICK:+--quick}
 R=benchmarks/results
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || echo "no nvidia-smi (dry run?)"
 $PY -c "import jax, flax, optax, chex, orbax.checkpoint; print('jax', jax.__version__, jax.devices())" || exit 1
+# FA's default solver dispatch on this GPU: the kernel runs under jit, vmap, a batch of runs and both layouts
+timeout 90 $PY benchmarks/gpu_smoke.py 2>&1 | tee $R/gpu_smoke_gpu.txt
 # where the p x p solver's time goes (and whether the one-kernel Pallas solver lowers and agrees here)
 timeout 90 $PY benchmarks/solver_latency.py --out $R/solver_latency_gpu.md
 # FA's solver against Multi-Krum (the p x p loop's latency)
 timeout 150 $PY benchmarks/aggregation.py --suite solver $Q --out $R/aggregation_solver_gpu.md
 # training steps: paper CNN and ResNet-18 on CIFAR shapes, FA (both solvers) against the mean
 timeout 170 $PY benchmarks/train_step.py $Q --out $R/train_step_gpu.md
-tar czf "${OUT:-.}/results.tgz" $R/*_gpu.md 2>/dev/null
+tar czf "${OUT:-.}/results.tgz" $R/*_gpu.md $R/gpu_smoke_gpu.txt 2>/dev/null
 ls -la "${OUT:-.}"
