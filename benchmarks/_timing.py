@@ -1,4 +1,4 @@
-"""What the training-step benchmarks share: timing several setups round-robin."""
+"""What the benchmarks share: the median time of a call, and timing several training setups round-robin."""
 
 from __future__ import annotations
 
@@ -24,3 +24,15 @@ def time_interleaved(setups: dict, steps: int) -> dict[str, float]:
             if s >= 2:
                 times[k].append(time.perf_counter() - t0)
     return {k: 1e3 * statistics.median(v) for k, v in times.items()}
+
+
+def median_seconds(fn, *args, repeats: int = 7, warmup: int = 1) -> float:
+    """Median wall time (s) of ``fn(*args)`` over ``repeats`` calls after ``warmup`` calls, each blocked on."""
+    for _ in range(warmup):
+        jax.block_until_ready(fn(*args))
+    ts = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        ts.append(time.perf_counter() - t0)
+    return statistics.median(ts)

@@ -23,14 +23,13 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import statistics
 import sys
-import time
 
 import _report  # benchmarks/_report.py (the script's folder is on sys.path)
 import jax
 import jax.numpy as jnp
 import numpy as np
+from _timing import median_seconds  # benchmarks/_timing.py
 
 import flagjax
 
@@ -39,14 +38,7 @@ ITERS = 5
 
 def timeit(fn, *args, repeats=7, warmup=1):
     """Median wall time (ms) of ``fn(*args)`` after ``warmup`` calls, blocking on the result."""
-    for _ in range(warmup):
-        jax.block_until_ready(fn(*args))
-    ts = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        ts.append(time.perf_counter() - t0)
-    return 1e3 * statistics.median(ts)
+    return 1e3 * median_seconds(fn, *args, repeats=repeats, warmup=warmup)
 
 
 def dense_released(G: np.ndarray, r: int, lam: float, iters: int, eps: float = 1e-6) -> np.ndarray:

@@ -16,14 +16,13 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import statistics
 import sys
-import time
 
 import _report  # benchmarks/_report.py
 import jax
 import jax.numpy as jnp
 import numpy as np
+from _timing import median_seconds  # benchmarks/_timing.py
 from jax import lax
 
 from flagjax import solver
@@ -32,13 +31,7 @@ N = 64
 
 
 def _time(fn, *args, repeats=21):
-    jax.block_until_ready(fn(*args))
-    ts = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        ts.append(time.perf_counter() - t0)
-    return 1e6 * statistics.median(ts)
+    return 1e6 * median_seconds(fn, *args, repeats=repeats)
 
 
 def _eigh_body(x, K):
