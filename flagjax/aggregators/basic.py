@@ -104,7 +104,8 @@ def flag_with_info(
       eps: IRLS smoothing (traced).
       output: "code" or "paper", see above (static).
       method, inner_iters, start_iters: static solver options (:func:`flagjax.solver.solve_gram`):
-        "subspace" (default, no eigendecomposition) or "eigh" (the exact reference).
+        "subspace" (default: no eigendecomposition; one Pallas kernel on NVIDIA GPUs when lam is a
+        Python 0 and p <= 64), "subspace_xla", "pallas", or "eigh" (the exact reference).
     """
     del f, key
     p = stack.shape[0]
