@@ -193,7 +193,9 @@ register(Rule("flag", flag, sanitize=False, gram=flag_gram))
 
 
 def normalized_mean(stack: jax.Array, *, f: int = 0, key=None, output: str = "code", r: int | None = None) -> jax.Array:
-    """Mean of unit-normalised gradients: FA's normalisation without its subspace (an ablation of FA).
+    """Mean of unit-normalised gradients: FA's normalisation without its subspace (an ablation of FA),
+    and, up to its output scale, Fed-NGA with equal weights (Zuo et al., NeurIPS 2025, arXiv 2408.09539):
+    a published rule.
 
     With x_i = g_i / ||g_i|| over the non-zero rows (non-finite rows are zeroed by the registry):
 
