@@ -48,6 +48,10 @@ __all__ = [
     "unit_rows",
     "objective",
     "status_code",
+    "solver_options",
+    "METHODS",
+    "INNER_ITERS",
+    "START_ITERS",
 ]
 
 # Column block used by the CPU Gram product. XLA's CPU dot for a (p, 1e6) x (1e6, p) product is
