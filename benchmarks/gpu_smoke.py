@@ -42,9 +42,7 @@ def main(argv=None):
     batched = jax.jit(jax.vmap(lambda g: flagjax.aggregate("flag", g, f=3, method=m)))(Gs)
     assert bool(jnp.all(jnp.isfinite(batched))), "vmap: non-finite"
     print("vmap over 3 stacks: ok", flush=True)
-    x = rng.uniform(size=(600, 28, 28, 1)).astype(np.float32)
-    y = rng.integers(0, 10, 600).astype(np.int32)
-    ds = data.Dataset("synthetic", x, y, x[:100], y[:100], 10)
+    ds = data.synthetic_dataset(n_train=600, n_test=100)
     for layout, seeds in (("server", train.Values((0, 1))), ("sharded", 0)):
         cfg = train.TrainConfig(
             model="cnn",

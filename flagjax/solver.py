@@ -350,8 +350,9 @@ def _cholesky_qr(C, KC, *, shift):
     C'^T K C' = I to working precision. Both passes equilibrate the columns; the first adds a
     relative ``shift`` to the diagonal so that nearly dependent columns (an ill-conditioned C) cannot
     blow up, the second restores exact orthonormality and drops (zeroes) a column whose direction
-    still lies in the span of the earlier ones: that happens when the points span fewer than r
-    dimensions (rank-deficient stacks), and such a column stays zero."""
+    still lies in the span of the earlier ones. When the points span fewer than r dimensions
+    (rank-deficient stacks) the second pass's factor fails instead, and the first pass's result is
+    kept; its rounding-noise columns are zeroed by :func:`_reorthonormalise` at the end."""
     C1, KC1, _ = _cholesky_pass(C, KC, shift=shift, drop=None)
     # the second pass sees nearly orthonormal columns: its shift must be at rounding level, or the
     # result is only orthonormal to within the shift, and ratios near 1 (points in the subspace,
@@ -431,13 +432,17 @@ INNER_ITERS = 2  #: default subspace iterations per IRLS step (warm-started)
 START_ITERS = 8  #: default subspace iterations for the flag-mean start (from a fixed Gaussian block)
 
 
+def _check_method(method) -> None:
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}; got {method!r}")
+
+
 def solver_options(method: str, inner_iters: int, start_iters: int, lam) -> tuple:
     """Checked static solver options as a hashable tuple of (name, value) for :func:`solve_gram`.
 
     ``pairwise`` is False exactly when ``lam`` is a Python number equal to 0 (known when tracing),
     so the pairwise term's p x p work is left out of the program; a traced ``lam`` keeps it."""
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}; got {method!r}")
+    _check_method(method)
     for name, v in (("inner_iters", inner_iters), ("start_iters", start_iters)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise ValueError(f"{name} must be a positive Python int (static); got {v!r}")
@@ -512,14 +517,12 @@ def solve_gram(
     Returns:
       (C, ratios, weights, objective, trace, num_steps, converged): C is (p, r) with Y = X C.
     """
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}; got {method!r}")
+    _check_method(method)
     p = K.shape[0]
     dtype = K.dtype
     lam = jnp.asarray(lam, dtype)
     eps = jnp.asarray(eps, dtype)
     tol = jnp.asarray(tol, dtype)
-    geo = _geometry(K, valid)
     shift = float(8 * r * jnp.finfo(dtype).eps) if dtype == jnp.float64 else float(32 * r * jnp.finfo(dtype).eps)
     kernel_ok = not pairwise and p <= solver_kernel.MAX_P
     if method == "pallas" and not kernel_ok:
@@ -544,6 +547,7 @@ def solve_gram(
             return solve_gram(K, valid, lam, eps, tol, r=r, max_iters=max_iters, method="subspace_xla", **opts)
 
         return lax.platform_dependent(*args, cuda=kernel, default=loop)
+    geo = _geometry(K, valid)
     a0 = valid.astype(dtype)
     b0 = jnp.where(geo.pair_ok, _pair_coef(lam, p, dtype), 0) if pairwise else None
 
