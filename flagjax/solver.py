@@ -352,7 +352,8 @@ def _cholesky_qr(C, KC, *, shift):
     blow up, the second restores exact orthonormality and drops (zeroes) a column whose direction
     still lies in the span of the earlier ones. When the points span fewer than r dimensions
     (rank-deficient stacks) the second pass's factor fails instead, and the first pass's result is
-    kept; its rounding-noise columns are zeroed by :func:`_reorthonormalise` at the end."""
+    kept; its rounding-noise columns are zeroed by :func:`_reorthonormalise` at the end. Returns
+    (C', K C', ok) with ``ok`` whether the second pass succeeded (C' exactly K-orthonormal)."""
     C1, KC1, _ = _cholesky_pass(C, KC, shift=shift, drop=None)
     # the second pass sees nearly orthonormal columns: its shift must be at rounding level, or the
     # result is only orthonormal to within the shift, and ratios near 1 (points in the subspace,
@@ -361,21 +362,27 @@ def _cholesky_qr(C, KC, *, shift):
     # when the points span fewer than r dimensions the first pass leaves dependent columns as small
     # rounding noise, the second pass's Cholesky then fails (NaN): keep the first pass's result, whose
     # noise columns :func:`_reorthonormalise` zeroes at the end
-    return jnp.where(ok, C2, C1), jnp.where(ok, KC2, KC1)
+    return jnp.where(ok, C2, C1), jnp.where(ok, KC2, KC1), ok
 
 
-def _subspace_step(geo: _Geometry, a, Bt, C, KC, *, shift, exact: bool = True):
+def _subspace_step(geo: _Geometry, a, Bt, C, KC, *, shift, orth: str = "exact"):
     """One orthogonal (subspace) iteration for the top-r eigenvectors of M = X W X^T in coefficient
     space: M (X C) = X (W K C), so C <- orth_K(W K C). Matmuls and r x r Cholesky factors only.
-    ``exact=False`` orthonormalises with the shifted first pass alone: the same span, orthonormal only
-    to within the shift, which is all the next iteration needs (the last one before an evaluation of
-    the objective is exact)."""
+
+    ``orth`` says how the new block is orthonormalised: "exact" (CholeskyQR2, :func:`_cholesky_qr`;
+    the last iteration before an evaluation of the objective) or "shifted" (the shifted first pass alone:
+    the same span, orthonormal only to within the shift, which is all the next iteration needs). Every
+    application of W K is orthonormalised: two applications under one orthonormalisation lose the weaker
+    directions to rounding in float32 (the IRLS weights reach eps^-1/2; measured, objectives up to 2.7x
+    the exact path's). Returns (C', K C', ok): ``ok`` is whether the exact second pass succeeded
+    (False otherwise)."""
     WV = a[:, None] * KC
     if Bt is not None:
         WV = WV + Bt.sum(axis=1)[:, None] * KC - _dot(Bt, KC)
-    if exact:
-        return _cholesky_qr(WV, _dot(geo.K, WV), shift=shift)
-    return _cholesky_pass(WV, _dot(geo.K, WV), shift=shift, drop=None)[:2]
+    KWV = _dot(geo.K, WV)
+    if orth == "exact":
+        return _cholesky_qr(WV, KWV, shift=shift)
+    return (*_cholesky_pass(WV, KWV, shift=shift, drop=None)[:2], jnp.array(False))
 
 
 def _evaluate(geo: _Geometry, V: jax.Array, lam, eps, pairwise: bool):
@@ -403,6 +410,7 @@ def _evaluate(geo: _Geometry, V: jax.Array, lam, eps, pairwise: bool):
 class _State(NamedTuple):
     C: jax.Array
     KC: jax.Array
+    exact_ok: jax.Array  # C came from a successful exact (second) Cholesky-QR pass
     weights: jax.Array
     obj: jax.Array
     ratios: jax.Array
@@ -413,18 +421,26 @@ class _State(NamedTuple):
     converged: jax.Array
 
 
-def _reorthonormalise(K: jax.Array, C: jax.Array) -> jax.Array:
+def _canonical_signs(K: jax.Array, C: jax.Array, KC: jax.Array) -> jax.Array:
+    """Flip each column of C so that its inner product with sum_i x_i, the column sum of K C, is >= 0
+    (a canonical basis for jit/eager comparisons); C must already be K-orthonormal, with the columns
+    past the rank zero."""
+    del K
+    return C * jnp.where(jnp.sum(KC, axis=0) < 0, -1, 1).astype(C.dtype)[None, :]
+
+
+def _reorthonormalise(K: jax.Array, C: jax.Array, KC: jax.Array | None = None) -> jax.Array:
     """C -> C L^-T with C^T K C = L L^T (Gram-Schmidt in the K metric), so (X C)^T (X C) = I to
     working precision; column order is kept, columns of K-norm^2 below 1/2 (past the rank) become zero,
-    and each column's sign is fixed so that its inner product with sum_i x_i is >= 0 (a canonical
-    basis for jit/eager comparisons)."""
+    and each column's sign is fixed by :func:`_canonical_signs`. ``KC`` is ignored (K C is recomputed:
+    it is called where C may not be K-orthonormal)."""
+    del KC
     KC = _dot(K, C)
     zero = jnp.sum(C * KC, axis=0) < 0.5
     C = jnp.where(zero[None, :], 0, C)
     KC = jnp.where(zero[None, :], 0, KC)
     C, KC, _ = _cholesky_pass(C, KC, shift=4 * float(jnp.finfo(C.dtype).eps), drop=None)
-    side = jnp.sum(KC, axis=0)
-    return C * jnp.where(side < 0, -1, 1).astype(C.dtype)[None, :]
+    return _canonical_signs(K, C, KC)
 
 
 METHODS = ("subspace", "subspace_xla", "pallas", "eigh")
@@ -459,7 +475,11 @@ def _start_block(K: jax.Array, valid: jax.Array, r: int) -> jax.Array:
     p = K.shape[0]
     omega = jnp.asarray(np.random.default_rng(0).standard_normal((p, r)), K.dtype)
     key = jnp.where(valid, K.sum(axis=1), -jnp.inf)
-    rank = jnp.argsort(jnp.argsort(-key, stable=True), stable=True)
+    # rank_i = #{j: key_j > key_i} + #{j < i: key_j = key_i}: the position of i in a stable descending
+    # sort, as one fused p x p comparison (XLA:CPU runs a sort as a slow comparator loop)
+    idx = jnp.arange(p)
+    above = (key[None, :] > key[:, None]) | ((key[None, :] == key[:, None]) & (idx[None, :] < idx[:, None]))
+    rank = jnp.sum(above, axis=1)
     return jnp.where(valid[:, None], omega[rank], 0)
 
 
@@ -554,29 +574,31 @@ def solve_gram(
     def solve(a, b, C, KC, iters):
         if method == "eigh":
             C = _basis_coeffs_eigh(geo, a, b, r)
-            return C, _dot(K, C)
+            return C, _dot(K, C), jnp.array(False)
         Bt = None if b is None else _laplacian_weights(geo, b)
-        step = lambda _, c: _subspace_step(geo, a, Bt, *c, shift=shift, exact=False)
+        step = lambda _, c: _subspace_step(geo, a, Bt, *c, shift=shift, orth="shifted")[:2]
         C, KC = lax.fori_loop(0, iters - 1, step, (C, KC), unroll=min(iters - 1, 2) or 1)
         return _subspace_step(geo, a, Bt, C, KC, shift=shift)
 
     C0 = _start_block(K, valid, r)
     C0, KC0 = _cholesky_pass(C0, _dot(K, C0), shift=shift, drop=None)[:2] if method != "eigh" else (C0, C0)
-    C0, KC0 = solve(a0, b0, C0, KC0, start_iters)
+    C0, KC0, ok0 = solve(a0, b0, C0, KC0, start_iters)
     obj0, ratios0, na, nb = _evaluate(geo, KC0, lam, eps, pairwise)
     trace0 = jnp.full((max_iters + 1,), jnp.nan, dtype).at[0].set(obj0)
-    state = _State(C0, KC0, a0, obj0, ratios0, na, nb, jnp.int32(0), trace0, jnp.array(False))
+    state = _State(C0, KC0, ok0, a0, obj0, ratios0, na, nb, jnp.int32(0), trace0, jnp.array(False))
 
     def body(_, st: _State):
-        C, KC = solve(st.next_a, st.next_b, st.C, st.KC, inner_iters)
+        C, KC, ok = solve(st.next_a, st.next_b, st.C, st.KC, inner_iters)
         obj, ratios, na, nb = _evaluate(geo, KC, lam, eps, pairwise)
         dec = (st.obj - obj) / jnp.maximum(jnp.abs(st.obj), jnp.finfo(dtype).tiny)
         step = st.step + 1
-        new = _State(C, KC, st.next_a, obj, ratios, na, nb, step, st.trace.at[step].set(obj), dec < tol)
+        new = _State(C, KC, ok, st.next_a, obj, ratios, na, nb, step, st.trace.at[step].set(obj), dec < tol)
         return jax.tree.map(lambda old, nw: jnp.where(st.converged, old, nw), st, new)
 
     st = lax.fori_loop(0, max_iters, body, state)
-    C = _reorthonormalise(K, st.C)
+    # the final exact pass left C K-orthonormal with dropped columns zeroed: only the sign is fixed; when
+    # it failed (the points span fewer than r dimensions) or eigh produced C, the full re-orthonormalisation
+    C = lax.cond(st.exact_ok, _canonical_signs, _reorthonormalise, K, st.C, st.KC)
     return C, st.ratios, st.weights, st.obj, st.trace, st.step, st.converged
 
 
