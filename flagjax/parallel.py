@@ -326,7 +326,8 @@ def build_step(
       jit: ``False`` returns the raw function (to ``vmap`` before jitting).
 
     ``x`` is (p, B, H, W, C) float32 and ``y`` (p, B) int32, both sharded along workers. Metrics:
-    ``loss`` (p,), ``accuracy`` (p,) per worker's batch, ``agg_norm``, and for FA ``ratios`` (p,)
+    ``loss`` (p,), ``accuracy`` (p,) per worker's batch (NaN for the Byzantine rows on one device under a
+    gradient attack, where their gradients are not computed), ``agg_norm``, and for FA ``ratios`` (p,)
     and ``status``. Returns (step, layout used, fallback reason).
     """
     n = mesh.shape[AXIS]
@@ -390,8 +391,22 @@ def build_step(
     wk = P(AXIS)
     if layout == "server" and n == 1:
         # one device: no shard_map needed
+        f = cfg.num_byzantine
+        h = p - f
+
         def mapped(params, stats, mom, x, y, key):
-            return worker_rows(params, stats, mom, x, y, key, device=0)
+            if f == 0 or attacks.get(cfg.attack).data_level or jax.tree_util.tree_leaves(stats):
+                return worker_rows(params, stats, mom, x, y, key, device=0)
+            # a gradient attack overwrites the last f rows (attacked_stack): only the h honest workers'
+            # gradients are computed. Their rows, losses and momentum are the same as when all p are;
+            # the Byzantine rows are zeros until the attack replaces them, and their loss and accuracy
+            # NaN (the training log averages the honest workers' only). Models with BatchNorm compute
+            # all p, since every worker's batch statistics enter the running averages.
+            rows, loss, acc, new_stats, mom_h = worker_rows(params, stats, mom[:h], x[:h], y[:h], key, device=0)
+            nan = jnp.full((f,), jnp.nan, loss.dtype)
+            rows = jnp.concatenate([rows, jnp.zeros((f, rows.shape[1]), rows.dtype)])
+            mom = jnp.concatenate([mom_h, mom[h:]])
+            return rows, jnp.concatenate([loss, nan]), jnp.concatenate([acc, nan.astype(acc.dtype)]), new_stats, mom
 
     elif layout == "server":
         mapped = jax.shard_map(
