@@ -327,6 +327,147 @@ def _minsum(honest, *, f, key, perturbation="std", iters=40):
     return _min_max_sum(honest, f, perturbation, "minsum", iters)
 
 
+_AUTODIFF_STARTS = ("optimal_alie", "optimal_ipm", "minmax")
+_OBJECTIVES = ("distance", "cosine")
+
+
+def _autodiff_rule_hparams(rule: str, rule_hparams) -> dict:
+    """The defence's hyperparameters for differentiating through it: FA's default solver picks a Pallas
+    kernel on NVIDIA GPUs, which has no reverse-mode rule; the same loop written in XLA ops
+    (``method="subspace_xla"``) is used instead (it is what the default runs on every other platform)."""
+    from flagjax import aggregators  # attacks sit beside aggregators; imported lazily, as _damage does
+
+    hp = dict(rule_hparams or {})
+    if aggregators.parse_spec(rule)[0] == "flag":
+        hp.setdefault("method", "subspace_xla")
+    return hp
+
+
+def _objective(rule, rule_hparams, honest, objective, f, key):
+    """byz (f, d) -> the damage to maximise: ||rule(honest + byz) - honest mean|| ("distance", what the
+    line-search attacks maximise) or -cos(rule(...), honest mean) ("cosine": scale-free, for rules whose
+    output is normalised). Non-finite damage counts as -inf (never chosen)."""
+    from flagjax import aggregators
+
+    m = _mean(honest)
+    tiny = jnp.finfo(honest.dtype).tiny
+
+    def damage(byz):
+        out = aggregators.aggregate(rule, jnp.concatenate([honest, byz]), f=f, key=key, **rule_hparams)
+        if objective == "distance":
+            val = jnp.linalg.norm(out - m)
+        else:
+            val = -jnp.dot(out, m) / jnp.maximum(jnp.linalg.norm(out) * jnp.linalg.norm(m), tiny)
+        return jnp.where(jnp.isfinite(val), val, -jnp.inf)
+
+    return damage
+
+
+def _autodiff(
+    honest,
+    *,
+    f,
+    key,
+    rule="mean",
+    rule_hparams=None,
+    objective="distance",
+    steps: int = 30,
+    lr=0.05,
+    optimizer: str = "adam",
+    radius=None,
+    starts=_AUTODIFF_STARTS,
+    shrink=(0.25, 0.5, 0.75),
+):
+    """Adaptive attack: all f Byzantine rows optimised together by gradient ascent through the defence.
+
+    Maximises the damage of :func:`_objective` (``objective`` "distance" or "cosine") over the (f, d) rows
+    with ``steps`` steps of the optax optimiser ``optimizer`` (any optax name taking a learning rate;
+    default Adam, whose step per coordinate is about ``lr`` times the honest rows' RMS coordinate standard
+    deviation, so ``lr`` is scale-free), differentiating through ``rule`` (a registered rule or composed
+    spec; ``rule_hparams`` its hyperparameters) with :func:`jax.grad`.
+
+    * Start: the best, under the same objective, of the rows of the attacks ``starts`` (by default
+      optimal_alie and optimal_ipm against the same defence, and minmax) and of each of them shrunk
+      towards the honest mean by the factors ``shrink`` (m + t (b - m)). The best iterate is returned,
+      so the attack is never weaker than any of its starting points.
+    * Selection rules (Krum, Multi-Krum, Bulyan, MDA ...) are piecewise constant in rows they do not
+      select: the gradient there is zero and the ascent cannot move. The shrunk starts are what handles
+      them: a row close enough to the honest mean is selected, the ascent then pushes it outward along
+      the rule's own gradient until the selection changes, and the best selected iterate is kept.
+    * ``radius``: None (unconstrained), a number, or "honest" (the largest honest row's distance to the
+      honest mean): every iterate is projected back into that ball around the mean (a stealthy
+      adversary whose rows are no farther out than an honest one).
+
+    Deterministic given ``key`` (which only reaches randomised rules); jit- and vmap-compatible. Rules with
+    a data-dependent loop (``caf``) cannot be reverse-differentiated: the attack raises there. FA is
+    differentiated through its XLA loop (:func:`_autodiff_rule_hparams`).
+    """
+    import optax
+
+    if objective not in _OBJECTIVES:
+        raise ValueError(f"objective must be one of {_OBJECTIVES}; got {objective!r}")
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+        raise ValueError(f"steps must be a non-negative Python int; got {steps!r}")
+    if not starts:
+        raise ValueError("starts must name at least one gradient attack to start from")
+    h, d = honest.shape
+    if f == 0:
+        return jnp.zeros((0, d), honest.dtype)
+    hp = _autodiff_rule_hparams(rule, rule_hparams)
+    damage = _objective(rule, hp, honest, objective, f, key)
+    m, sd = _std(honest)
+    spread = jnp.sqrt(jnp.mean(sd * sd))
+    dist = jnp.sqrt(jnp.sum((honest - m) ** 2, axis=1))
+    if radius is None:
+        bound = None
+    elif radius == "honest":
+        bound = jnp.max(dist)
+    else:
+        bound = jnp.asarray(radius, honest.dtype)
+
+    def project(byz):
+        if bound is None:
+            return byz
+        n = jnp.sqrt(jnp.sum((byz - m) ** 2, axis=1, keepdims=True))
+        return m + (byz - m) * jnp.minimum(1, bound / jnp.maximum(n, jnp.finfo(byz.dtype).tiny))
+
+    cands = []
+    for name in starts:
+        extra = {"rule": rule, "rule_hparams": hp} if name.startswith("optimal") else {}
+        base = attack(name, honest, f=f, key=key, **extra)
+        cands += [base] + [m + t * (base - m) for t in shrink]
+    cands = jnp.stack([project(c) for c in cands])
+    vals = jax.vmap(damage)(cands)
+    i = jnp.argmax(vals)
+    start, start_val = cands[i], vals[i]
+    if steps == 0:
+        return start
+    tx = getattr(optax, optimizer)(lr * spread)
+    grad = jax.value_and_grad(damage)
+
+    def step(carry, _):
+        byz, opt_state, best, best_val = carry
+        val, g = grad(byz)
+        better = val > best_val
+        best, best_val = jnp.where(better, byz, best), jnp.where(better, val, best_val)
+        g = jnp.where(jnp.isfinite(g), g, 0)
+        upd, opt_state = tx.update(-g, opt_state, byz)  # ascent
+        return (project(optax.apply_updates(byz, upd)), opt_state, best, best_val), None
+
+    carry = (start, tx.init(start), start, start_val)
+    try:
+        (byz, _, best, best_val), _ = lax.scan(step, carry, None, length=steps)
+    except ValueError as err:
+        if "Reverse-mode differentiation" not in str(err):
+            raise
+        raise ValueError(
+            f"attack 'autodiff' cannot differentiate through rule {rule!r}: it runs a loop with a "
+            f"data-dependent trip count (lax.while_loop), which JAX cannot reverse-differentiate"
+        ) from None
+    last = damage(byz)  # the final iterate, which the loop has not scored
+    return jnp.where(last > best_val, byz, best)
+
+
 # name, function, separable (runs on coordinate slices), needs_key
 for _name, _fn, _sep, _key in [
     ("random", _random, True, True),
@@ -344,6 +485,7 @@ for _name, _fn, _sep, _key in [
     ("optimal_ipm", _optimal_ipm, False, False),
     ("minmax", _minmax, False, False),
     ("minsum", _minsum, False, False),
+    ("autodiff", _autodiff, False, False),
 ]:
     register(Attack(_name, _fn, separable=_sep, needs_key=_key))
 

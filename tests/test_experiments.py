@@ -19,6 +19,8 @@ SCRIPTS = [
     ("questions", []),
     ("lr_protocol", []),
     ("spot_check", []),
+    ("peer_byzfl", ["--attacks", "SF", "--fs", "1"]),
+    ("attack_strength", []),
 ]
 
 

@@ -188,7 +188,8 @@ def geomed_with_info(stack, *, f: int = 0, key=None, nu=1e-6, tol=1e-6, max_iter
 
     z <- sum_i w_i g_i / sum_i w_i with w_i = 1 / max(||g_i - z||, nu), from ``init`` ("mean" or
     "zero", ByzFL's start), until the relative change ||z_t - z_{t-1}|| / ||z_t|| < tol or
-    ``max_iters``. z stays a combination c @ stack, so iterations run in the p x p Gram space.
+    ``max_iters`` (a static trip count: later iterations leave the converged z as it is). z stays a
+    combination c @ stack, so iterations run in the p x p Gram space.
     Breakdown point 1/2. Returns ((d,) aggregate, :class:`GeomedInfo`).
     """
     del f, key
@@ -210,19 +211,18 @@ def geomed_with_info(stack, *, f: int = 0, key=None, nu=1e-6, tol=1e-6, max_iter
         w = 1 / jnp.maximum(dist(c), nu)
         return w / jnp.sum(w)
 
-    def cond(st):
-        _, i, done = st
-        return (i < max_iters) & ~done
-
-    def body(st):
-        c, i, _ = st
+    def body(_, st):
+        c, i, done = st
         c_new = step(c)
         dc = c_new - c
         change = jnp.sqrt(jnp.maximum(dc @ K @ dc, 0))
         size = jnp.sqrt(jnp.maximum(c_new @ K @ c_new, 0))
-        return c_new, i + 1, change <= tol * jnp.maximum(size, jnp.finfo(dtype).tiny)
+        new = (c_new, i + 1, change <= tol * jnp.maximum(size, jnp.finfo(dtype).tiny))
+        return jax.tree.map(lambda old, nw: jnp.where(done, old, nw), st, new)
 
-    c, steps, done = lax.while_loop(cond, body, (c0, jnp.int32(0), jnp.array(False)))
+    # a static trip count with the converged state frozen (the numbers of a loop that stops there): no
+    # predicate goes to the host on an accelerator, and the rule is reverse-differentiable (autodiff attack)
+    c, steps, done = lax.fori_loop(0, max_iters, body, (c0, jnp.int32(0), jnp.array(False)))
     return combine(c, stack, valid), GeomedInfo(c, steps, done)
 
 
