@@ -26,9 +26,9 @@ def max_pool_2x2(x: jax.Array) -> jax.Array:
     row or column is dropped, as ``nn.max_pool(x, (2, 2), (2, 2))`` with VALID padding does).
 
     Written as a reshape and a max rather than a ``reduce_window``: the same values, and XLA:CPU runs
-    its gradient several times faster than the select-and-scatter that differentiating
-    ``reduce_window`` produces (the paper CNN's forward + backward on 250 images: 49 -> 29 ms,
-    ``benchmarks/results/train_step.md``). Gradients differ only where a window holds several equal
+    its gradient much faster than the select-and-scatter that differentiating ``reduce_window``
+    produces (the paper CNN's forward + backward on 250 images with each: benchmarks/results/peer_step.md).
+    Gradients differ only where a window holds several equal
     maxima: ``reduce_window`` sends the whole cotangent to one of them, this splits it equally; the
     parameter gradients of the models here are the same up to float rounding either way.
     """
