@@ -390,7 +390,10 @@ def main(argv=None):
         f"{comparison_table(fx, bz)}\n\n![accuracy]({plot.name})\n\n"
         "## Time\n\nMedian time per training step (evaluations and flagjax's compilation excluded) over the "
         "runs of the rules both libraries ran, and mean wall time per run (flagjax's includes compiling "
-        "its step and evaluation programs). Both on the same CPU, one after the other.\n\n"
+        "its step and evaluation programs). Both on the same CPU, one after the other, taken from the "
+        "experiment's own runs with whatever else the machine was running at the time; the controlled "
+        "comparison (same model, workers and batch, the two libraries timed in alternating blocks) is "
+        "benchmarks/results/peer_step.md.\n\n"
         f"{speed_table(fx, bz)}\n"
     )
     print(
