@@ -68,7 +68,7 @@ def cells(rules=RULES, attacks=ATTACKS) -> list[common.Cell]:
             hp = {"rule": rule, "attack": atk, **train_hp}
             if rule_hp:
                 hp["rule_hparams"] = dict(rule_hp)
-            if atk.startswith("optimal"):  # the attacker knows the rule and its hyperparameters
+            if atk.startswith("optimal") or atk == "autodiff":  # the attacker knows the rule and its hparams
                 hp["attack_hparams"] = {"rule": rule, **({"rule_hparams": dict(rule_hp)} if rule_hp else {})}
             out.append(common.Cell(label, atk, hp))
     return out

@@ -21,6 +21,7 @@ SCRIPTS = [
     ("spot_check", []),
     ("peer_byzfl", ["--attacks", "SF", "--fs", "1"]),
     ("attack_strength", []),
+    ("autodiff_heatmap", ["--rows", "mean", "attack_hparams.steps=2"]),
 ]
 
 
