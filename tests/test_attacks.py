@@ -191,9 +191,8 @@ def test_autodiff_is_never_weaker_than_its_starting_points(rule):
 
 
 def test_autodiff_ascends_beyond_its_starts_and_respects_its_radius():
-    """Against Krum the ascent finds rows doing more damage than its best start (measured +10% here: the
-    shrunk start is selected, the gradient then pushes it out); with ``radius="honest"`` no row leaves the
-    ball around the honest mean that holds the honest rows."""
+    """Against Krum the ascent finds rows doing more damage than its best start (measured +10% here); with
+    ``radius="honest"`` no row leaves the ball around the honest mean that holds the honest rows."""
     h, f, key = _honest(h=12, d=48), 3, jax.random.key(0)
     start = attacks.attack("autodiff", h, f=f, key=key, rule="krum", steps=0)
     byz = attacks.attack("autodiff", h, f=f, key=key, rule="krum", steps=30)
