@@ -76,14 +76,9 @@ def step_setups(model: str, byzfl_model: str, ds) -> dict:
         num_byzantine=3,
         attack="signflip",
         rule="trimmed_mean",
-        batch_size=25,
-        lr=0.1,
-        momentum=0.0,
-        worker_momentum=0.9,
-        weight_decay=1e-4,
-        lr_decay=1.0,
         steps=10_000,
         num_devices=1,
+        **peer_byzfl.BYZFL_OPTIMISATION,
     )
     su = train.setup(cfg, ds)
     box = {"state": su.state, "i": 0}

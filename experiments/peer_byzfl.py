@@ -92,21 +92,15 @@ def setting(base: train.TrainConfig, row: str, attack: str, f: int) -> dict:
     return {"flagjax": hp, "byzfl": None if agg_info is None else {"agg": agg_info, "pre": pre, "attack": byz_name}}
 
 
+# ByzFL's benchmark optimisation setting in flagjax's fields: batch 25 per client, server SGD lr 0.1 without
+# momentum or decay, weight decay 1e-4, each honest client sending its momentum (beta 0.9)
+BYZFL_OPTIMISATION = dict(batch_size=25, lr=0.1, momentum=0.0, worker_momentum=0.9, weight_decay=1e-4, lr_decay=1.0)
+
+
 def base_config(args) -> train.TrainConfig:
     """ByzFL's benchmark setting as a flagjax config (``--quick``: synthetic data, a few steps)."""
     return common.base_config(
-        args,
-        model="cnn_mnist",
-        batch_size=25,
-        lr=0.1,
-        momentum=0.0,
-        worker_momentum=0.9,
-        weight_decay=1e-4,
-        lr_decay=1.0,
-        val_fraction=0.2,
-        steps=800,
-        eval_every=100,
-        log_every=50,
+        args, model="cnn_mnist", val_fraction=0.2, steps=800, eval_every=100, log_every=50, **BYZFL_OPTIMISATION
     )
 
 
