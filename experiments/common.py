@@ -82,7 +82,8 @@ def parse_args(name: str, description: str, argv=None) -> argparse.Namespace:
         help="train a cell's seeds as one program (auto: on GPU/TPU, off on CPU, where it measured slower)",
     )
     ap.add_argument("overrides", nargs="*", help="field=value overrides applied to every run")
-    args = ap.parse_args(argv)
+    # intermixed: field=value overrides may stand before, between or after the flags
+    args = ap.parse_intermixed_args(argv)
     args.name = name
     args.argv = list(sys.argv[1:] if argv is None else argv)
     suffix = ("_paper" if args.paper else "") + ("_quick" if args.quick else "")
