@@ -413,6 +413,8 @@ def _autodiff(
         raise ValueError(f"steps must be a non-negative Python int; got {steps!r}")
     if not starts:
         raise ValueError("starts must name at least one gradient attack to start from")
+    if isinstance(radius, str) and radius != "honest":
+        raise ValueError(f"radius must be None, a number or 'honest'; got {radius!r}")
     h, d = honest.shape
     if f == 0:
         return jnp.zeros((0, d), honest.dtype)

@@ -216,5 +216,7 @@ def test_autodiff_errors_name_the_problem():
         attacks.attack("autodiff", h, f=2, key=jax.random.key(0), rule="caf", steps=1)
     with pytest.raises(ValueError, match="objective must be one of"):
         attacks.attack("autodiff", h, f=2, key=jax.random.key(0), objective="angle")
+    with pytest.raises(ValueError, match="radius must be None, a number or 'honest'"):
+        attacks.attack("autodiff", h, f=2, key=jax.random.key(0), radius="stealthy")
     with pytest.raises(ValueError, match="steps must be a non-negative"):
         attacks.attack("autodiff", h, f=2, key=jax.random.key(0), steps=1.5)
