@@ -229,13 +229,30 @@ def _nan(honest, *, f, key, offset=0):
     return jnp.full((f, honest.shape[1]), jnp.nan, honest.dtype)
 
 
-def _damage(rule, rule_hparams, honest, byz_row, f, key):
-    """||rule(honest + f copies of byz_row) - mean(honest)||, the quantity the optimal attacks maximise."""
+def _objective(rule, rule_hparams, honest, objective, f, key):
+    """byz (f, d) -> the damage to maximise: ||rule(honest + byz) - honest mean|| ("distance", what the
+    line-search attacks maximise) or -cos(rule(...), honest mean) ("cosine": scale-free, for rules whose
+    output is normalised). Non-finite damage counts as -inf (never chosen)."""
     from flagjax import aggregators  # attacks sit beside aggregators; imported lazily
 
-    stack = jnp.concatenate([honest, jnp.broadcast_to(byz_row, (f, honest.shape[1]))])
-    out = aggregators.aggregate(rule, stack, f=f, key=key, **dict(rule_hparams or {}))
-    return jnp.linalg.norm(out - _mean(honest))
+    m = _mean(honest)
+    tiny = jnp.finfo(honest.dtype).tiny
+
+    def damage(byz):
+        out = aggregators.aggregate(rule, jnp.concatenate([honest, byz]), f=f, key=key, **rule_hparams)
+        if objective == "distance":
+            val = jnp.linalg.norm(out - m)
+        else:
+            val = -jnp.dot(out, m) / jnp.maximum(jnp.linalg.norm(out) * jnp.linalg.norm(m), tiny)
+        return jnp.where(jnp.isfinite(val), val, -jnp.inf)
+
+    return damage
+
+
+def _damage(rule, rule_hparams, honest, byz_row, f, key):
+    """||rule(honest + f copies of byz_row) - mean(honest)||, the quantity the optimal attacks maximise."""
+    byz = jnp.broadcast_to(byz_row, (f, honest.shape[1]))
+    return _objective(rule, dict(rule_hparams or {}), honest, "distance", f, key)(byz)
 
 
 def _line_search(make_row, honest, f, key, rule, rule_hparams, factors):
@@ -343,26 +360,6 @@ def _autodiff_rule_hparams(rule: str, rule_hparams) -> dict:
     return hp
 
 
-def _objective(rule, rule_hparams, honest, objective, f, key):
-    """byz (f, d) -> the damage to maximise: ||rule(honest + byz) - honest mean|| ("distance", what the
-    line-search attacks maximise) or -cos(rule(...), honest mean) ("cosine": scale-free, for rules whose
-    output is normalised). Non-finite damage counts as -inf (never chosen)."""
-    from flagjax import aggregators
-
-    m = _mean(honest)
-    tiny = jnp.finfo(honest.dtype).tiny
-
-    def damage(byz):
-        out = aggregators.aggregate(rule, jnp.concatenate([honest, byz]), f=f, key=key, **rule_hparams)
-        if objective == "distance":
-            val = jnp.linalg.norm(out - m)
-        else:
-            val = -jnp.dot(out, m) / jnp.maximum(jnp.linalg.norm(out) * jnp.linalg.norm(m), tiny)
-        return jnp.where(jnp.isfinite(val), val, -jnp.inf)
-
-    return damage
-
-
 def _autodiff(
     honest,
     *,
@@ -415,18 +412,16 @@ def _autodiff(
         raise ValueError("starts must name at least one gradient attack to start from")
     if isinstance(radius, str) and radius != "honest":
         raise ValueError(f"radius must be None, a number or 'honest'; got {radius!r}")
-    h, d = honest.shape
     if f == 0:
-        return jnp.zeros((0, d), honest.dtype)
+        return jnp.zeros((0, honest.shape[1]), honest.dtype)
     hp = _autodiff_rule_hparams(rule, rule_hparams)
     damage = _objective(rule, hp, honest, objective, f, key)
     m, sd = _std(honest)
     spread = jnp.sqrt(jnp.mean(sd * sd))
-    dist = jnp.sqrt(jnp.sum((honest - m) ** 2, axis=1))
     if radius is None:
         bound = None
     elif radius == "honest":
-        bound = jnp.max(dist)
+        bound = jnp.max(jnp.sqrt(jnp.sum((honest - m) ** 2, axis=1)))
     else:
         bound = jnp.asarray(radius, honest.dtype)
 

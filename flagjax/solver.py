@@ -365,13 +365,13 @@ def _cholesky_qr(C, KC, *, shift):
     return jnp.where(ok, C2, C1), jnp.where(ok, KC2, KC1), ok
 
 
-def _subspace_step(geo: _Geometry, a, Bt, C, KC, *, shift, orth: str = "exact"):
+def _subspace_step(geo: _Geometry, a, Bt, C, KC, *, shift, exact: bool = True):
     """One orthogonal (subspace) iteration for the top-r eigenvectors of M = X W X^T in coefficient
     space: M (X C) = X (W K C), so C <- orth_K(W K C). Matmuls and r x r Cholesky factors only.
 
-    ``orth`` says how the new block is orthonormalised: "exact" (CholeskyQR2, :func:`_cholesky_qr`;
-    the last iteration before an evaluation of the objective) or "shifted" (the shifted first pass alone:
-    the same span, orthonormal only to within the shift, which is all the next iteration needs). Every
+    ``exact=True`` orthonormalises with CholeskyQR2 (:func:`_cholesky_qr`; the last iteration before an
+    evaluation of the objective), ``exact=False`` with the shifted first pass alone: the same span,
+    orthonormal only to within the shift, which is all the next iteration needs. Every
     application of W K is orthonormalised: two applications under one orthonormalisation lose the weaker
     directions to rounding in float32 (the IRLS weights reach eps^-1/2; measured, objectives up to 2.7x
     the exact path's). Returns (C', K C', ok): ``ok`` is whether the exact second pass succeeded
@@ -380,7 +380,7 @@ def _subspace_step(geo: _Geometry, a, Bt, C, KC, *, shift, orth: str = "exact"):
     if Bt is not None:
         WV = WV + Bt.sum(axis=1)[:, None] * KC - _dot(Bt, KC)
     KWV = _dot(geo.K, WV)
-    if orth == "exact":
+    if exact:
         return _cholesky_qr(WV, KWV, shift=shift)
     return (*_cholesky_pass(WV, KWV, shift=shift, drop=None)[:2], jnp.array(False))
 
@@ -421,26 +421,23 @@ class _State(NamedTuple):
     converged: jax.Array
 
 
-def _canonical_signs(K: jax.Array, C: jax.Array, KC: jax.Array) -> jax.Array:
+def _canonical_signs(C: jax.Array, KC: jax.Array) -> jax.Array:
     """Flip each column of C so that its inner product with sum_i x_i, the column sum of K C, is >= 0
     (a canonical basis for jit/eager comparisons); C must already be K-orthonormal, with the columns
     past the rank zero."""
-    del K
     return C * jnp.where(jnp.sum(KC, axis=0) < 0, -1, 1).astype(C.dtype)[None, :]
 
 
-def _reorthonormalise(K: jax.Array, C: jax.Array, KC: jax.Array | None = None) -> jax.Array:
+def _reorthonormalise(K: jax.Array, C: jax.Array) -> jax.Array:
     """C -> C L^-T with C^T K C = L L^T (Gram-Schmidt in the K metric), so (X C)^T (X C) = I to
     working precision; column order is kept, columns of K-norm^2 below 1/2 (past the rank) become zero,
-    and each column's sign is fixed by :func:`_canonical_signs`. ``KC`` is ignored (K C is recomputed:
-    it is called where C may not be K-orthonormal)."""
-    del KC
+    and each column's sign is fixed by :func:`_canonical_signs`."""
     KC = _dot(K, C)
     zero = jnp.sum(C * KC, axis=0) < 0.5
     C = jnp.where(zero[None, :], 0, C)
     KC = jnp.where(zero[None, :], 0, KC)
     C, KC, _ = _cholesky_pass(C, KC, shift=4 * float(jnp.finfo(C.dtype).eps), drop=None)
-    return _canonical_signs(K, C, KC)
+    return _canonical_signs(C, KC)
 
 
 METHODS = ("subspace", "subspace_xla", "pallas", "eigh")
@@ -576,7 +573,7 @@ def solve_gram(
             C = _basis_coeffs_eigh(geo, a, b, r)
             return C, _dot(K, C), jnp.array(False)
         Bt = None if b is None else _laplacian_weights(geo, b)
-        step = lambda _, c: _subspace_step(geo, a, Bt, *c, shift=shift, orth="shifted")[:2]
+        step = lambda _, c: _subspace_step(geo, a, Bt, *c, shift=shift, exact=False)[:2]
         C, KC = lax.fori_loop(0, iters - 1, step, (C, KC), unroll=min(iters - 1, 2) or 1)
         return _subspace_step(geo, a, Bt, C, KC, shift=shift)
 
@@ -598,7 +595,7 @@ def solve_gram(
     st = lax.fori_loop(0, max_iters, body, state)
     # the final exact pass left C K-orthonormal with dropped columns zeroed: only the sign is fixed; when
     # it failed (the points span fewer than r dimensions) or eigh produced C, the full re-orthonormalisation
-    C = lax.cond(st.exact_ok, _canonical_signs, _reorthonormalise, K, st.C, st.KC)
+    C = lax.cond(st.exact_ok, _canonical_signs, lambda C, _: _reorthonormalise(K, C), st.C, st.KC)
     return C, st.ratios, st.weights, st.obj, st.trace, st.step, st.converged
 
 
