@@ -42,6 +42,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from flagjax import aggregators, attacks, solver
+from flagjax import sketch as sketching
 from flagjax.aggregators.distance import is_previous
 
 __all__ = [
@@ -260,16 +261,28 @@ def _sharded_aggregate(cfg: StepConfig, slices, key):
     """Aggregate a (p, D/n) slice of every worker's gradient; collectives over ``workers``.
 
     A ``coordinatewise`` rule runs on the slice as is; a rule with a ``gram`` form gets the psum of
-    the partial Gram matrices and its coefficients are applied to the slice (Rule docstring)."""
+    the partial Gram matrices and its coefficients are applied to the slice (Rule docstring). With
+    ``sketch=k`` the devices psum their partial (p, k) sketches and squared norms instead (the slice
+    on device i starts at global column i * D/n), which add up to the whole rows' sketch: the same
+    numbers as the server layout."""
     rule_name, _ = aggregators.parse_spec(cfg.rule)
     rule = aggregators.get(rule_name)
     hp = dict(cfg.rule_hparams)
+    aggregators.check_sketch_hparams(rule, hp, "rule_hparams")
+    k = hp.pop("sketch", 0)
+    sketch_seed = hp.pop("sketch_seed", None)
     f = cfg.num_byzantine
     finite = lax.pmin(jnp.all(jnp.isfinite(slices), axis=1).astype(jnp.int32), AXIS) > 0
     clean = jnp.where(finite[:, None], slices, 0)
     if rule.gram is not None and not rule.coordinatewise:
         clean = clean.astype(jnp.promote_types(slices.dtype, jnp.float32))
-        raw = lax.psum(solver.gram_matrix(clean), AXIS)
+        if k:
+            offset = lax.axis_index(AXIS) * clean.shape[1]
+            seed = sketching.resolve_seed(sketch_seed, key)
+            S, n2 = lax.psum(sketching.sketch_and_norms(clean, k, seed=seed, offset=offset), AXIS)
+            raw = sketching.sketch_gram_from_parts(S, n2)
+        else:
+            raw = lax.psum(solver.gram_matrix(clean), AXIS)
         c, info = rule.gram(raw, finite, f=f, key=key, **hp)
         return jnp.dot(c.astype(clean.dtype), clean, precision=lax.Precision.HIGHEST), info
     return rule.fn(clean if rule.sanitize else slices, f=f, key=key, **hp), {}
@@ -280,7 +293,8 @@ def _server_aggregate(cfg: StepConfig, stack, key, rule_state=()):
     rule, pre = aggregators.parse_spec(cfg.rule)
     hp = dict(cfg.rule_hparams)
     if rule == "flag" and not pre:
-        agg, fi = aggregators.flag_with_info(stack, **hp)
+        aggregators.check_sketch_hparams(aggregators.get(rule), hp, "rule_hparams")
+        agg, fi = aggregators.flag_with_info(stack, key=key, **hp)
         # the paper's Fig. 3 comparison: reconstruction ratios on the (1-D) mean direction
         m = aggregators.mean(stack)
         cos2 = jnp.dot(stack, m) ** 2 / (jnp.einsum("pd,pd->p", stack, stack) * jnp.dot(m, m))

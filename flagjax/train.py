@@ -192,6 +192,17 @@ class TrainConfig:
                 self.rule_hparams["r"],
                 f"must satisfy 1 <= r <= num_workers={self.num_workers}",
             )
+        if isinstance(self.rule_hparams.get("sketch"), Values):
+            bad(
+                "rule_hparams.sketch",
+                list(self.rule_hparams["sketch"]),
+                "must be one int: the sketch width sets shapes, so several widths are several programs "
+                "(run them separately)",
+            )
+        try:
+            aggregators.check_sketch_hparams(aggregators.get(rule), self.rule_hparams, "rule_hparams")
+        except ValueError as err:
+            bad("rule_hparams.sketch", self.rule_hparams.get("sketch"), str(err))
         if self.layout not in ("server", "sharded"):
             bad("layout", self.layout, "allowed: server, sharded")
         if self.lr <= 0:

@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from flagjax import sketch as sketching
 from flagjax import solver
 from flagjax.aggregators.registry import Rule, register
 
@@ -76,6 +77,8 @@ def flag_with_info(
     method: str = "subspace",
     inner_iters: int = solver.INNER_ITERS,
     start_iters: int = solver.START_ITERS,
+    sketch: int = 0,
+    sketch_seed=None,
 ) -> tuple[jax.Array, FlagInfo]:
     """Flag Aggregator with diagnostics: (p, d) stack -> ((d,) aggregate, :class:`FlagInfo`).
 
@@ -96,7 +99,7 @@ def flag_with_info(
     Args:
       stack: (p, d) float array.
       f: declared Byzantine count (FA does not use it; r is the knob).
-      key: ignored (FA is deterministic).
+      key: PRNG key; only a sketch uses it (FA is otherwise deterministic).
       r: static subspace rank, default ceil((p + 1) / 2).
       lam: pairwise regulariser weight (traced).
       max_iters: static maximum IRLS steps; 0 gives the flag mean (the released code's behaviour).
@@ -106,8 +109,14 @@ def flag_with_info(
       method, inner_iters, start_iters: static solver options (:func:`flagjax.solver.solve_gram`):
         "subspace" (default: no eigendecomposition; one Pallas kernel on NVIDIA GPUs when lam is a
         Python 0 and p <= 64), "subspace_xla", "pallas", or "eigh" (the exact reference).
+      sketch: static int; 0 (default) solves from the exact Gram matrix, k > 0 from the sketched one
+        (:func:`flagjax.sketch.sketched_gram`: exact norms, cosines from a k-column count sketch, one
+        pass over the stack instead of the O(p^2 d) product; the output is still an exact combination
+        of the rows). Worth it at many workers (docs/guide.md, "Many workers: a sketched Gram").
+      sketch_seed: the sketch's seed (an int gives the same projection every round, which an attacker
+        who knows it can exploit: the ``sketch_null`` attack); default None draws it from ``key``.
     """
-    del f, key
+    del f
     p = stack.shape[0]
     if r is None:
         r = default_rank(p)
@@ -116,14 +125,29 @@ def flag_with_info(
     solver._check_points(stack, r)
     solver._check_iters(max_iters)
     opts = solver.solver_options(method, inner_iters, start_iters, lam)
+    sketch = sketching.check_sketch(sketch)
+    seed = sketching.resolve_seed(sketch_seed, key) if sketch else jnp.uint32(0)
     # one compiled program per (shape, dtype, r, max_iters, output, solver options): eager callers
     # (notebooks, tests, flagjax.aggregate) otherwise compile every small op of the IRLS loop anew
-    return _flag_with_info_jit(jnp.asarray(stack), lam, tol, eps, r=r, max_iters=max_iters, output=output, opts=opts)
+    return _flag_with_info_jit(
+        jnp.asarray(stack), lam, tol, eps, seed, r=r, max_iters=max_iters, output=output, opts=opts, sketch=sketch
+    )
 
 
-@functools.partial(jax.jit, static_argnames=("r", "max_iters", "output", "opts"))
-def _flag_with_info_jit(stack, lam, tol, eps, *, r: int, max_iters: int, output: str, opts: tuple):
-    info = solver.prepare_gram(stack)
+def sketched_gram_info(stack: jax.Array, k: int, *, seed) -> solver.GramInfo:
+    """:class:`flagjax.solver.GramInfo` of a (p, d) stack from its sketched Gram matrix
+    (:func:`flagjax.sketch.sketched_gram`): non-finite rows are invalid and masked out of the
+    combination, as :func:`flagjax.solver.prepare_gram` does for the exact one."""
+    work = stack.astype(jnp.promote_types(stack.dtype, jnp.float32))
+    raw = sketching.sketched_gram(work, k, seed=seed)
+    ok = jnp.isfinite(jnp.diagonal(raw))
+    raw = jnp.where(ok[:, None] & ok[None, :], raw, 0)
+    return solver.gram_info_from_raw(raw, ok=ok, safe=~jnp.all(ok))
+
+
+@functools.partial(jax.jit, static_argnames=("r", "max_iters", "output", "opts", "sketch"))
+def _flag_with_info_jit(stack, lam, tol, eps, seed, *, r: int, max_iters: int, output: str, opts: tuple, sketch: int):
+    info = sketched_gram_info(stack, sketch, seed=seed) if sketch else solver.prepare_gram(stack)
     q, fi = _coefficients(info, r, lam, max_iters, tol, eps, output, opts)
     agg = solver.combine_rows(stack, q, info)
     out_dtype = stack.dtype if jnp.issubdtype(stack.dtype, jnp.floating) else info.K.dtype
@@ -186,7 +210,7 @@ def flag_gram(raw: jax.Array, ok: jax.Array, *, f: int = 0, key=None, r: int | N
     return c, {"ratios": fi.ratios, "status": fi.status}
 
 
-register(Rule("flag", flag, sanitize=False, gram=flag_gram))
+register(Rule("flag", flag, sanitize=False, gram=flag_gram, sketchable=True))
 
 
 # ---------------------------------------------------------------------------------- normalized_mean

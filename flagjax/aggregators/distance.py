@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from flagjax import sketch as sketching
 from flagjax import solver
 from flagjax.aggregators.coordinatewise import closest_window_mean, sorted_rows
 from flagjax.aggregators.registry import Rule, register
@@ -48,14 +49,21 @@ def _work(stack):
     return stack.astype(jnp.promote_types(stack.dtype, jnp.float32))
 
 
-def gram_and_valid(stack: jax.Array) -> tuple[jax.Array, jax.Array]:
+def gram_and_valid(stack: jax.Array, *, sketch: int = 0, sketch_seed=None, key=None) -> tuple[jax.Array, jax.Array]:
     """Raw Gram matrix with non-finite rows zeroed, and the (p,) mask of finite rows.
 
     A row holding NaN/Inf (or whose squared norm overflows) has a non-finite Gram diagonal; its Gram
     row and column are set to 0, which is exactly the Gram matrix of the stack with that row replaced
     by zeros, without a pass over the data to sanitise it. Use :func:`combine` for the output.
+
+    ``sketch=k > 0`` gives the sketched Gram matrix instead (:func:`flagjax.sketch.sketched_gram`:
+    exact norms, cosines from a k-column count sketch seeded by ``sketch_seed`` or, by default, drawn
+    from ``key``); every rule of this module that takes ``sketch`` passes it here.
     """
-    K = solver.gram_matrix(_work(stack))
+    if sketching.check_sketch(sketch):
+        K = sketching.sketched_gram(_work(stack), sketch, seed=sketching.resolve_seed(sketch_seed, key))
+    else:
+        K = solver.gram_matrix(_work(stack))
     valid = jnp.isfinite(jnp.diagonal(K))
     return jnp.where(valid[:, None] & valid[None, :], K, 0), valid
 
@@ -90,10 +98,11 @@ def _distances_from_gram(K: jax.Array) -> jax.Array:
     return D.at[jnp.diag_indices(K.shape[0])].set(0)
 
 
-def pairwise_sq_distances(stack: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+def pairwise_sq_distances(stack: jax.Array, **sketch) -> tuple[jax.Array, jax.Array, jax.Array]:
     """(p, d) -> ((p, p) squared distances, (p, p) Gram matrix, (p,) finite-row mask), via one Gram
-    product; non-finite rows act as zero rows (see :func:`gram_and_valid`)."""
-    K, valid = gram_and_valid(stack)
+    product; non-finite rows act as zero rows; ``sketch``, ``sketch_seed``, ``key``: see
+    :func:`gram_and_valid`."""
+    K, valid = gram_and_valid(stack, **sketch)
     return _distances_from_gram(K), K, valid
 
 
@@ -112,37 +121,49 @@ def krum_scores(D: jax.Array, f: int, *, neighbours: int | None = None, squared:
     return jnp.sum(jnp.sort(Dm, axis=1)[:, :k], axis=1)
 
 
-def krum(stack, *, f: int, key=None, neighbours: int | None = None, squared: bool = True):
+def krum(
+    stack, *, f: int, key=None, neighbours: int | None = None, squared: bool = True, sketch: int = 0, sketch_seed=None
+):
     """Krum (Blanchard et al., NeurIPS 2017): the worker with the smallest sum of squared distances to
     its p - f - 2 nearest others; requires p >= 2f + 3. (p, d) -> (d,).
 
     ``neighbours`` overrides p - f - 2 (ByzFL uses p - f - 1); ``squared=False`` uses plain distances.
+    ``sketch``/``sketch_seed``: a sketched Gram matrix (:func:`gram_and_valid`).
     """
-    del key
-    D, _, valid = pairwise_sq_distances(stack)
+    D, _, valid = pairwise_sq_distances(stack, sketch=sketch, sketch_seed=sketch_seed, key=key)
     i = jnp.argmin(krum_scores(D, f, neighbours=neighbours, squared=squared))
     return combine(jax.nn.one_hot(i, stack.shape[0], dtype=stack.dtype), stack, valid)
 
 
-def multi_krum(stack, *, f: int, key=None, m: int | None = None, neighbours: int | None = None, squared: bool = True):
+def multi_krum(
+    stack,
+    *,
+    f: int,
+    key=None,
+    m: int | None = None,
+    neighbours: int | None = None,
+    squared: bool = True,
+    sketch: int = 0,
+    sketch_seed=None,
+):
     """Multi-Krum (Blanchard et al. 2017; El Mhamdi et al. 2018): the mean of the m workers with the
     lowest Krum scores (default m = p - f); requires p >= 2f + 3. (p, d) -> (d,).
 
     The FA authors' released Multi-Krum scores with non-squared distances: ``squared=False``.
-    ``neighbours`` overrides p - f - 2 (ByzFL: p - f - 1).
+    ``neighbours`` overrides p - f - 2 (ByzFL: p - f - 1). ``sketch``/``sketch_seed``: a sketched
+    Gram matrix (:func:`gram_and_valid`).
     """
-    del key
     p = stack.shape[0]
     m = p - f if m is None else m
     if not 1 <= m <= p:
         raise ValueError(f"m must satisfy 1 <= m <= p = {p}; got m = {m}")
-    D, _, valid = pairwise_sq_distances(stack)
+    D, _, valid = pairwise_sq_distances(stack, sketch=sketch, sketch_seed=sketch_seed, key=key)
     _, idx = lax.top_k(-krum_scores(D, f, neighbours=neighbours, squared=squared), m)
     w = jnp.zeros((p,), stack.dtype).at[idx].set(1.0 / m)
     return combine(w, stack, valid)
 
 
-def bulyan(stack, *, f: int, key=None, squared: bool = True):
+def bulyan(stack, *, f: int, key=None, squared: bool = True, sketch: int = 0, sketch_seed=None):
     """Bulyan (El Mhamdi, Guerraoui, Rouault, ICML 2018); requires p >= 4f + 3. (p, d) -> (d,).
 
     1. Select theta = p - 2f workers by repeatedly taking the Krum winner of the remaining set (Krum
@@ -150,13 +171,13 @@ def bulyan(stack, *, f: int, key=None, squared: bool = True):
     2. Per coordinate, average the beta = theta - 2f selected values closest to their median.
 
     The FA authors' released Bulyan differs in its selection step (it does not re-run Krum on the
-    shrinking set); this is the paper's definition.
+    shrinking set); this is the paper's definition. ``sketch``/``sketch_seed`` sketch the Gram matrix
+    of the selection step (:func:`gram_and_valid`); the coordinatewise step stays exact.
     """
-    del key
     p = stack.shape[0]
     theta = p - 2 * f
     beta = theta - 2 * f
-    D, _, valid = pairwise_sq_distances(stack)
+    D, _, valid = pairwise_sq_distances(stack, sketch=sketch, sketch_seed=sketch_seed, key=key)
     Dm = D if squared else jnp.sqrt(D)
     removed = jnp.zeros((p,), bool)
     chosen = []
@@ -183,20 +204,32 @@ class GeomedInfo(NamedTuple):
     converged: jax.Array
 
 
-def geomed_with_info(stack, *, f: int = 0, key=None, nu=1e-6, tol=1e-6, max_iters: int = 200, init: str = "mean"):
+def geomed_with_info(
+    stack,
+    *,
+    f: int = 0,
+    key=None,
+    nu=1e-6,
+    tol=1e-6,
+    max_iters: int = 200,
+    init: str = "mean",
+    sketch: int = 0,
+    sketch_seed=None,
+):
     """Geometric median argmin_z sum_i ||g_i - z|| by smoothed Weiszfeld (RFA, Pillutla et al. 2022).
 
     z <- sum_i w_i g_i / sum_i w_i with w_i = 1 / max(||g_i - z||, nu), from ``init`` ("mean" or
     "zero", ByzFL's start), until the relative change ||z_t - z_{t-1}|| / ||z_t|| < tol or
     ``max_iters`` (a static trip count: later iterations leave the converged z as it is). z stays a
     combination c @ stack, so iterations run in the p x p Gram space.
-    Breakdown point 1/2. Returns ((d,) aggregate, :class:`GeomedInfo`).
+    Breakdown point 1/2. ``sketch``/``sketch_seed``: a sketched Gram matrix (:func:`gram_and_valid`).
+    Returns ((d,) aggregate, :class:`GeomedInfo`).
     """
-    del f, key
+    del f
     if init not in ("mean", "zero"):
         raise ValueError(f"init must be 'mean' or 'zero'; got {init!r}")
     p = stack.shape[0]
-    K, valid = gram_and_valid(stack)
+    K, valid = gram_and_valid(stack, sketch=sketch, sketch_seed=sketch_seed, key=key)
     dtype = K.dtype
     n2 = jnp.diagonal(K)
     nu = jnp.asarray(nu, dtype)
@@ -290,15 +323,15 @@ def subsets(p: int, k: int, *, max_subsets: int, rule: str) -> np.ndarray:
     return np.array(list(itertools.combinations(range(p), k)), dtype=np.int32).reshape(count, k)
 
 
-def mda(stack, *, f: int, key=None, max_subsets: int = 200_000):
+def mda(stack, *, f: int, key=None, max_subsets: int = 200_000, sketch: int = 0, sketch_seed=None):
     """Minimum-diameter averaging (El Mhamdi et al. 2018; Rousseeuw's MVE idea): the mean of the
     (p - f)-subset with the smallest diameter max_{i,j in S} ||g_i - g_j||; requires p > 2f.
-    Cost: C(p, f) subsets (refused above ``max_subsets``). (p, d) -> (d,)."""
-    del key
+    Cost: C(p, f) subsets (refused above ``max_subsets``). ``sketch``/``sketch_seed``: a sketched
+    Gram matrix (:func:`gram_and_valid`). (p, d) -> (d,)."""
     p = stack.shape[0]
     k = p - f
     idx = jnp.asarray(subsets(p, k, max_subsets=max_subsets, rule="mda"))
-    D, _, valid = pairwise_sq_distances(stack)
+    D, _, valid = pairwise_sq_distances(stack, sketch=sketch, sketch_seed=sketch_seed, key=key)
     diam = lax.map(lambda s: jnp.max(D[s][:, s]), idx, batch_size=1024)
     best = idx[jnp.argmin(diam)]
     w = jnp.zeros((p,), stack.dtype).at[best].set(1.0 / k)
@@ -327,10 +360,10 @@ def monna(stack, *, f: int, key=None, idx: int = 0):
 
 _half = lambda p: (p - 1) // 2
 _krum_max = lambda p: max((p - 3) // 2, 0)
-register(Rule("krum", krum, _krum_max, "p >= 2f + 3", sanitize=False))
-register(Rule("multi_krum", multi_krum, _krum_max, "p >= 2f + 3", sanitize=False))
-register(Rule("bulyan", bulyan, lambda p: max((p - 3) // 4, 0), "p >= 4f + 3", sanitize=False))
-register(Rule("geomed", geomed, _half, "p > 2f", sanitize=False))
+register(Rule("krum", krum, _krum_max, "p >= 2f + 3", sanitize=False, sketchable=True))
+register(Rule("multi_krum", multi_krum, _krum_max, "p >= 2f + 3", sanitize=False, sketchable=True))
+register(Rule("bulyan", bulyan, lambda p: max((p - 3) // 4, 0), "p >= 4f + 3", sanitize=False, sketchable=True))
+register(Rule("geomed", geomed, _half, "p > 2f", sanitize=False, sketchable=True))
 
 
 class CenterState(NamedTuple):
@@ -364,5 +397,5 @@ def _cc_update(stack, state, *, f, key, center=None, **hparams):
 register(
     Rule("centered_clipping", centered_clipping, _half, "p > 2f", sanitize=False, init=_cc_init, update=_cc_update)
 )
-register(Rule("mda", mda, _half, "p > 2f", sanitize=False))
+register(Rule("mda", mda, _half, "p > 2f", sanitize=False, sketchable=True))
 register(Rule("monna", monna, _half, "p > 2f", sanitize=False))

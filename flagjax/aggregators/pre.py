@@ -28,12 +28,13 @@ def _mix(M: jax.Array, stack: jax.Array) -> jax.Array:
     return jnp.dot(M.astype(stack.dtype), stack, precision=_HIGH)
 
 
-def nnm(stack, *, f: int, key=None):
+def nnm(stack, *, f: int, key=None, sketch: int = 0, sketch_seed=None):
     """Nearest-neighbour mixing (Allouah et al., AISTATS 2023): each row becomes the mean of its
-    p - f nearest rows (itself included). Requires f < p. (p, d) -> (p, d)."""
-    del key
+    p - f nearest rows (itself included). Requires f < p. ``sketch``/``sketch_seed``: neighbours from
+    a sketched Gram matrix (:func:`flagjax.aggregators.distance.gram_and_valid`), e.g.
+    ``pre=(("nnm", {"sketch": 1024}),)``. (p, d) -> (p, d)."""
     p = stack.shape[0]
-    D, _, valid = pairwise_sq_distances(stack)
+    D, _, valid = pairwise_sq_distances(stack, sketch=sketch, sketch_seed=sketch_seed, key=key)
     _, nn = lax.top_k(-D, p - f)  # (p, p - f)
     M = jnp.zeros((p, p), D.dtype).at[jnp.arange(p)[:, None], nn].set(1.0 / (p - f))
     return combine(M, stack, valid)
@@ -80,7 +81,7 @@ def arc(stack, *, f: int, key=None):
     return _clip_to(stack, norms, thr)
 
 
-register_pre(PreAggregator("nnm", nnm))
+register_pre(PreAggregator("nnm", nnm, sketchable=True))
 register_pre(PreAggregator("bucketing", bucketing))
 register_pre(PreAggregator("clip", clip))
 register_pre(PreAggregator("arc", arc))

@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from flagjax import sketch as sketching
 from flagjax.registry import Registry
 
 __all__ = [
@@ -39,6 +40,8 @@ __all__ = [
     "flatten_stack",
     "sanitize_rows",
     "parse_spec",
+    "check_sketch_hparams",
+    "SKETCH_HPARAMS",
 ]
 
 
@@ -70,6 +73,10 @@ class Rule:
         marks the finite ones) and the aggregate ``sum_i c_i g_i``. The sharded layout psums partial
         Gram matrices, calls it, and applies ``c`` to its slice (docs/design.md section 3).
       needs_key: whether the output depends on ``key`` (randomised rules).
+      sketchable: whether the rule works from the Gram matrix and takes ``sketch=k`` (and
+        ``sketch_seed``): its inner products then come from a k-column count sketch of the rows
+        (:mod:`flagjax.sketch`; exact norms, exact combination of the rows). ``aggregate`` and the
+        training config refuse ``sketch`` for the other rules by name.
       init: ``init(example, **hp) -> state``, the rule's state before the first round (optax-style;
         ``example`` a (d,) array or ``jax.ShapeDtypeStruct``). Default: ``()`` (stateless).
       update: ``update(stack, state, *, f, key, **hp) -> (aggregate (d,), state, info dict)``, one round.
@@ -89,6 +96,7 @@ class Rule:
     coordinatewise: bool = False
     gram: Callable[..., tuple[jax.Array, dict]] | None = None
     needs_key: bool = False
+    sketchable: bool = False
     init: Callable[..., Any] | None = None
     update: Callable[..., tuple[jax.Array, Any, dict]] | None = None
 
@@ -120,12 +128,14 @@ class Rule:
 
 @dataclasses.dataclass(frozen=True)
 class PreAggregator:
-    """A registered pre-aggregation step: ``fn(stack, *, f, key, **hp) -> (p', d)`` stack."""
+    """A registered pre-aggregation step: ``fn(stack, *, f, key, **hp) -> (p', d)`` stack.
+    ``sketchable``: it works from the Gram matrix and takes ``sketch=k`` (see :class:`Rule`)."""
 
     name: str
     fn: Callable[..., jax.Array]
     max_f: Callable[[int], int] = _any_f
     requirement: str = "0 <= f < p"
+    sketchable: bool = False
 
     def check_f(self, f, p: int) -> None:
         """Raise ``ValueError`` unless ``0 <= f <= max_f(p)``."""
@@ -234,6 +244,27 @@ def sanitize_rows(stack: jax.Array) -> jax.Array:
     return jnp.where(ok[:, None], stack, jnp.zeros((), stack.dtype))
 
 
+SKETCH_HPARAMS = ("sketch", "sketch_seed")
+
+
+def check_sketch_hparams(record: Rule | PreAggregator, hparams: dict, where: str = "hparams") -> None:
+    """Refuse ``sketch``/``sketch_seed`` in ``hparams`` for a rule or pre-aggregator that does not
+    work from the Gram matrix (``ValueError`` naming it and the ones that do), and check the value of
+    ``sketch`` (:func:`flagjax.sketch.check_sketch`)."""
+    given = [h for h in SKETCH_HPARAMS if h in hparams]
+    if not given:
+        return
+    kind = "rule" if isinstance(record, Rule) else "pre-aggregator"
+    if not record.sketchable:
+        ok = [n for n in names() if get(n).sketchable] + [n for n in pre_names() if get_pre(n).sketchable]
+        raise ValueError(
+            f"{where}: {kind} {record.name!r} does not work from the Gram matrix, so it takes no "
+            f"{'/'.join(given)}; sketchable: {', '.join(sorted(ok))}"
+        )
+    if "sketch" in hparams:
+        sketching.check_sketch(hparams["sketch"], f"{where}.sketch")
+
+
 def _check_f(f, p: int, what: str, max_f: int, requirement: str) -> None:
     if isinstance(f, bool) or not isinstance(f, (int, np.integer)):
         raise ValueError(f"f (number of Byzantine workers) must be a Python int; got {f!r}")
@@ -282,6 +313,7 @@ def aggregate(
         raise ValueError("grads must hold at least one worker (p >= 1)")
     if key is None:
         key = jax.random.key(0)
+    check_sketch_hparams(rule, hparams)
     stack = _before_rule(rule, pres, stack, f, key)
     state = rule.init(jax.ShapeDtypeStruct(stack.shape[1:], stack.dtype), **hparams)
     agg, _, _ = rule.update(stack, state, f=int(f), key=key, **hparams)
@@ -293,6 +325,7 @@ def _before_rule(rule: Rule, pres: list, stack: jax.Array, f: int, key: jax.Arra
     order (pre-aggregator i gets ``fold_in(key, i + 1)``), f checked against each and against the rule,
     non-finite rows zeroed for rules that ask for it."""
     for i, (pa, hp) in enumerate(pres):
+        check_sketch_hparams(pa, hp, f"pre[{i}] hparams")
         pa.check_f(f, stack.shape[0])
         stack = pa.fn(sanitize_rows(stack), f=int(f), key=jax.random.fold_in(key, i + 1), **hp)
     rule.check_f(f, stack.shape[0])
@@ -314,5 +347,6 @@ def aggregate_update(
     state from :func:`init_state`, for one round."""
     rule_name, pre = parse_spec(name)
     rule = get(rule_name)
+    check_sketch_hparams(rule, hparams)
     stack = _before_rule(rule, [(get_pre(n), {}) for n in pre], stack, f, key)
     return rule.update(stack, state, f=int(f), key=key, **hparams)

@@ -39,15 +39,15 @@ def _weighted_top_eig(K: jax.Array, c: jax.Array):
     return lam, t, w
 
 
-def caf(stack, *, f: int, key=None):
+def caf(stack, *, f: int, key=None, sketch: int = 0, sketch_seed=None):
     """Covariance-aware filtering (CAF; Allouah et al., as in ByzFL): start with weights c = 1; while
     sum(c) > p - 2f, take the top eigenvector v of the c-weighted covariance, score
     tau_i = <g_i - mu_c, v>^2 and downweight c_i <- c_i (1 - tau_i / max tau). Returns the weighted
     mean mu_c with the smallest top eigenvalue seen. Exact eigenvectors in Gram space (ByzFL uses one
-    power iteration). Requires p > 2f. (p, d) -> (d,)."""
-    del key
+    power iteration). Requires p > 2f. ``sketch``/``sketch_seed``: a sketched Gram matrix
+    (:func:`flagjax.aggregators.distance.gram_and_valid`). (p, d) -> (d,)."""
     p = stack.shape[0]
-    K, valid = gram_and_valid(stack)
+    K, valid = gram_and_valid(stack, sketch=sketch, sketch_seed=sketch_seed, key=key)
     dtype = K.dtype
 
     def cond(st):
@@ -71,16 +71,16 @@ def caf(stack, *, f: int, key=None):
     return combine(w, stack, valid)
 
 
-def smea(stack, *, f: int, key=None, max_subsets: int = 200_000):
+def smea(stack, *, f: int, key=None, max_subsets: int = 200_000, sketch: int = 0, sketch_seed=None):
     """Smallest maximum eigenvalue averaging (SMEA; Allouah et al. 2024): the mean of the
     (p - f)-subset whose empirical covariance has the smallest top eigenvalue. Exact, in Gram space
     (the centered Gram of each subset); C(p, f) subsets, refused above ``max_subsets``.
-    Requires p > 2f. (p, d) -> (d,)."""
-    del key
+    Requires p > 2f. ``sketch``/``sketch_seed``: a sketched Gram matrix
+    (:func:`flagjax.aggregators.distance.gram_and_valid`). (p, d) -> (d,)."""
     p = stack.shape[0]
     k = p - f
     idx = jnp.asarray(subsets(p, k, max_subsets=max_subsets, rule="smea"))
-    K, valid = gram_and_valid(stack)
+    K, valid = gram_and_valid(stack, sketch=sketch, sketch_seed=sketch_seed, key=key)
     H = jnp.eye(k, dtype=K.dtype) - 1.0 / k
 
     def top(s):
@@ -157,7 +157,7 @@ def signguard(stack, *, f: int = 0, key, low=0.1, high=3.0, coord_frac=0.1, band
 
 
 _half = lambda p: (p - 1) // 2
-register(Rule("caf", caf, _half, "p > 2f", sanitize=False))
-register(Rule("smea", smea, _half, "p > 2f", sanitize=False))
+register(Rule("caf", caf, _half, "p > 2f", sanitize=False, sketchable=True))
+register(Rule("smea", smea, _half, "p > 2f", sanitize=False, sketchable=True))
 register(Rule("dnc", dnc, _half, "p > 2f", needs_key=True))
 register(Rule("signguard", signguard, _half, "p > 2f", needs_key=True))
