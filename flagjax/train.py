@@ -147,6 +147,11 @@ class TrainConfig:
 
     def validate(self) -> None:
         """Raise :class:`ConfigError` naming the first invalid field (every run of a batch is checked)."""
+        if isinstance(self.rule_hparams.get("sketch"), Values):
+            raise ConfigError(
+                f"invalid rule_hparams.sketch={list(self.rule_hparams['sketch'])!r}: must be one int: the sketch "
+                "width sets shapes, so several widths are several programs (run them separately)"
+            )
         for _, run in expand(self):
             run._validate_one()
         if self.runs_per_program < 0:
@@ -191,13 +196,6 @@ class TrainConfig:
                 "rule_hparams.r",
                 self.rule_hparams["r"],
                 f"must satisfy 1 <= r <= num_workers={self.num_workers}",
-            )
-        if isinstance(self.rule_hparams.get("sketch"), Values):
-            bad(
-                "rule_hparams.sketch",
-                list(self.rule_hparams["sketch"]),
-                "must be one int: the sketch width sets shapes, so several widths are several programs "
-                "(run them separately)",
             )
         try:
             aggregators.check_sketch_hparams(aggregators.get(rule), self.rule_hparams, "rule_hparams")
