@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from flagjax import sketch as sketching
 from flagjax.registry import Registry
 
 __all__ = [
@@ -468,6 +469,25 @@ def _autodiff(
     return jnp.where(last > best_val, byz, best)
 
 
+def _sketch_null(honest, *, f, key, k: int = 1024, seed=0):
+    """An attack on a *known* sketch (the threat the default per-round seed of ``sketch=k`` rules
+    answers): every row is the honest mean m reflected through the sketch's row space,
+    b = -m + 2 P (P^T P)^-1 P^T m, with P (d, k) the count sketch of ``seed`` (:mod:`flagjax.sketch`).
+    Then sketch(b) = sketch(m) and ||b|| = ||m||, so a defence sketching with that seed sees every
+    Byzantine row exactly where the honest mean is (every sketched Gram entry equals the mean's),
+    while the true cosine of b with m is -(1 - 2 q / ||m||^2), q = ||P (P^T P)^-1 P^T m||^2, about
+    -(1 - 2k/d). ``k``: the defence's sketch width (default 1024); ``seed``: its ``sketch_seed``
+    (default 0)."""
+    del key
+    d = honest.shape[1]
+    m = _mean(honest)
+    Sm = sketching.sketch_rows(m[None], k, seed=seed)[0]
+    counts = sketching.sketch_rows(sketching.sketch_adjoint(jnp.ones((k,)), d, k, seed=seed)[None], k, seed=seed)[0]
+    lift = sketching.sketch_adjoint(Sm / jnp.maximum(counts, 1), d, k, seed=seed)
+    b = -m + 2 * lift.astype(m.dtype)
+    return jnp.broadcast_to(b, (f, d))
+
+
 # name, function, separable (runs on coordinate slices), needs_key
 for _name, _fn, _sep, _key in [
     ("random", _random, True, True),
@@ -486,6 +506,7 @@ for _name, _fn, _sep, _key in [
     ("minmax", _minmax, False, False),
     ("minsum", _minsum, False, False),
     ("autodiff", _autodiff, False, False),
+    ("sketch_null", _sketch_null, False, False),
 ]:
     register(Attack(_name, _fn, separable=_sep, needs_key=_key))
 

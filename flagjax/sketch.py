@@ -37,6 +37,7 @@ from jax import lax
 __all__ = [
     "sketch_and_norms",
     "sketch_rows",
+    "sketch_adjoint",
     "sketched_gram",
     "SKETCH_METHODS",
     "sketch_gram_from_parts",
@@ -218,6 +219,20 @@ def sketch_and_norms(points: jax.Array, k: int, *, seed, offset=0, method: str =
 def sketch_rows(points: jax.Array, k: int, *, seed, offset=0, method: str = "auto") -> jax.Array:
     """The (p, k) count sketch of :func:`sketch_and_norms` alone."""
     return sketch_and_norms(points, k, seed=seed, offset=offset, method=method)[0]
+
+
+def sketch_adjoint(z: jax.Array, d: int, k: int, *, seed) -> jax.Array:
+    """The sketch's transpose: (k,) -> (d,), x_j = s(j) z[h(j)], so that <sketch(g), z> = <g, x> for
+    every row g of length d (column 0 at global index 0). With ``z`` the bucket averages of a
+    sketch it lifts the sketch back to d-space (the ``sketch_null`` attack)."""
+    k = check_sketch(k, "k")
+    nb = math.ceil(d / k)
+    z = jnp.asarray(z)
+    dtype = jnp.promote_types(z.dtype, jnp.float32)
+    shifts = _shifts(seed, jnp.arange(nb, dtype=jnp.int32), k)
+    idx = (jnp.arange(k, dtype=jnp.int32)[None, :] + shifts[:, None]) % k
+    x = z.astype(dtype)[idx].reshape(nb * k)[:d]
+    return x * _signs(seed, jnp.arange(d, dtype=jnp.int32), dtype)
 
 
 def sketch_gram_from_parts(S: jax.Array, n2: jax.Array) -> jax.Array:

@@ -208,3 +208,34 @@ def test_sketched_flag_trains_the_same_on_any_layout_and_device_count(tmp_path):
         got = run(layout, n)
         assert got.layout == layout
         np.testing.assert_allclose([h["loss"] for h in got.history], [h["loss"] for h in ref.history], rtol=1e-4)
+
+
+def test_adjoint_is_the_transpose(x64):
+    d, k = 700, 64
+    P = _matrix(d, k, seed=4)
+    z = np.random.default_rng(5).normal(size=k)
+    np.testing.assert_allclose(np.asarray(sketch.sketch_adjoint(jnp.asarray(z), d, k, seed=4)), P @ z, rtol=1e-12)
+
+
+def test_sketch_null_fools_a_known_seed_and_not_a_fresh_one():
+    """Its rows have the honest mean's sketch and norm and point away from it; Krum and FA sketching
+    with that seed pick them, with a seed drawn from the key they do not."""
+    rng = np.random.default_rng(6)
+    d, k, f = 20_000, 256, 3
+    honest = jnp.asarray((rng.normal(size=d)[None] + 0.7 * rng.normal(size=(12, d))).astype(np.float32))
+    m = honest.mean(axis=0)
+    byz = flagjax.attacks.attack("sketch_null", honest, f=f, key=jax.random.key(0), k=k, seed=7)
+    np.testing.assert_allclose(
+        np.asarray(sketch.sketch_rows(byz, k, seed=7)),
+        np.tile(sketch.sketch_rows(m[None], k, seed=7), (f, 1)),
+        atol=1e-3,
+    )
+    np.testing.assert_allclose(float(jnp.linalg.norm(byz[0])), float(jnp.linalg.norm(m)), rtol=1e-5)
+    cos = lambda a: float(a @ m / (jnp.linalg.norm(a) * jnp.linalg.norm(m)))  # noqa: E731
+    assert cos(byz[0]) < -0.9
+    G = jnp.concatenate([honest, byz])
+    for rule in ("krum", "flag"):
+        known = flagjax.aggregate(rule, G, f=f, key=jax.random.key(1), sketch=k, sketch_seed=7)
+        fresh = flagjax.aggregate(rule, G, f=f, key=jax.random.key(1), sketch=k)
+        assert cos(known) < -0.8, rule
+        assert cos(fresh) > 0.8, rule
