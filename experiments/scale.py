@@ -102,7 +102,7 @@ def part_error(args) -> str:
     steps = 4 if args.quick else 100
     ks = (16, 64) if args.quick else KS
     seeds = 2 if args.quick else ERROR_SEEDS
-    lines = []
+    lines, curves = [], {}
     for model, p in stacks:
         f = p // 5
         G = None
@@ -146,9 +146,19 @@ def part_error(args) -> str:
                 f"| {m('fa_mean_sin2'):.3f} | {m('fa_max_angle_deg'):.0f} deg "
                 f"| {sum(x['mk_same_output'] for x in rs)} / {seeds} | {m('mk_output_cosine'):.5f} |"
             )
+        curves[f"{model.upper()}, p = {p}"] = [
+            (
+                k,
+                np.mean([results[(k, s)]["cos_rms"] for s in range(seeds)]),
+                [results[(k, s)]["fa_output_cosine"] for s in range(seeds)],
+            )
+            for k in ks
+        ]
         default_r = aggregators.default_rank(p)
         sweep_txt = ", ".join(f"r = {r}: {c:.4f}" for r, c in sweep.items()) or "none smaller than 8"
         lines += ["", f"Exact Gram, FA output cosine to the default r = {default_r}: {sweep_txt}.", ""]
+    plot = _plot_error(args, curves)
+    lines.append(f"![sketch error]({plot.name})")
     body = "\n".join(
         [
             f"Honest gradients of a mean-aggregated run without attackers at step {steps} (real Fashion-MNIST"
@@ -160,6 +170,28 @@ def part_error(args) -> str:
         ]
     )
     return _write_text(args, "Sketch error on real gradients", body)
+
+
+def _plot_error(args, curves: dict):
+    """Cosine error rms against k (with 1/sqrt(k)) and FA's output cosine to exact FA against k."""
+    plt = common.pyplot()
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 3.6))
+    for label, pts in curves.items():
+        ks = [c[0] for c in pts]
+        a1.plot(ks, [c[1] for c in pts], marker="o", label=label)
+        means = [np.mean(c[2]) for c in pts]
+        lo = [m - min(c[2]) for m, c in zip(means, pts, strict=True)]
+        hi = [max(c[2]) - m for m, c in zip(means, pts, strict=True)]
+        a2.errorbar(ks, means, yerr=[lo, hi], marker="o", capsize=3, label=label)
+    ks = sorted({c[0] for pts in curves.values() for c in pts})
+    a1.plot(ks, [1 / np.sqrt(k) for k in ks], "k--", lw=1, label="1 / sqrt(k)")
+    a1.set(xscale="log", yscale="log", xlabel="sketch width k", ylabel="sketched cosine error (rms)")
+    a2.axhline(0.98, color="grey", lw=1, ls=":", label="target 0.98")
+    a2.set(xscale="log", xlabel="sketch width k", ylabel="FA output cosine to exact FA")
+    for ax in (a1, a2):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    return common.save_figure(args, fig, "error.png")
 
 
 def _write_text(args, title: str, body: str) -> str:

@@ -40,6 +40,17 @@ def test_quick_run(tmp_path, name, extra):
         assert (out / img).is_file(), f"{name} links {img}, which it did not write"
 
 
+@pytest.mark.parametrize("part", ["error", "train", "large_p"])
+def test_scale_parts_run_quick(tmp_path, part):
+    from experiments import scale
+
+    scale.main(["--part", part, "--quick", "--seeds", "1", "--out", str(tmp_path), "steps=2", "eval_every=2"])
+    text = (tmp_path / part / "README.md").read_text()
+    assert "Produced by" in text and "QUICK" in text and "|" in text
+    for img in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text):
+        assert (tmp_path / part / img).is_file()
+
+
 def test_rows_and_cols_select_cells(tmp_path):
     """--rows/--cols pick table cells by label (labels may contain spaces and brackets); an unknown label
     is an error that lists the script's labels, not an empty report."""
