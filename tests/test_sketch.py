@@ -239,3 +239,14 @@ def test_sketch_null_fools_a_known_seed_and_not_a_fresh_one():
         fresh = flagjax.aggregate(rule, G, f=f, key=jax.random.key(1), sketch=k)
         assert cos(known) < -0.8, rule
         assert cos(fresh) > 0.8, rule
+
+
+@pytest.mark.parametrize("rule", SKETCHABLE)
+def test_sketched_rules_take_nonfinite_and_huge_rows_as_input(rule):
+    """A NaN row, an Inf row and a row near the float maximum are Byzantine input, not a crash."""
+    G = np.array(_stack(p=9 if rule in ("mda", "smea") else 17, d=3000))
+    G[0, 5] = np.nan
+    G[1] = np.inf
+    G[2] = 1e37
+    out = flagjax.aggregate(rule, jnp.asarray(G), f=3, key=jax.random.key(0), sketch=256)
+    assert np.all(np.isfinite(np.asarray(out))), rule
