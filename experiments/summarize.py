@@ -28,7 +28,13 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--out", default="RESULTS.md")
     args = ap.parse_args(argv)
-    found = {p.parent.name: p for p in RESULTS.glob("*/README.md") if not p.parent.name.endswith("_quick")}
+    # one report per experiment folder, or one per part (experiments/results/scale/<part>/README.md)
+    reports = [*RESULTS.glob("*/README.md"), *RESULTS.glob("*/*/README.md")]
+    found = {
+        p.parent.relative_to(RESULTS).as_posix(): p
+        for p in reports
+        if not any(part.endswith("_quick") for part in p.parent.relative_to(RESULTS).parts)
+    }
     names = [n for n in ORDER if n in found] + sorted(set(found) - set(ORDER))
     missing = [n for n in ORDER if n not in found]
     parts = [
