@@ -75,8 +75,9 @@ class Rule:
       needs_key: whether the output depends on ``key`` (randomised rules).
       sketchable: whether the rule works from the Gram matrix and takes ``sketch=k`` (and
         ``sketch_seed``): its inner products then come from a k-column count sketch of the rows
-        (:mod:`flagjax.sketch`; exact norms, exact combination of the rows). ``aggregate`` and the
-        training config refuse ``sketch`` for the other rules by name.
+        (:mod:`flagjax.sketch`; exact norms, exact combination of the rows), and its output depends on
+        ``key`` unless ``sketch_seed`` is given. ``aggregate`` and the training config refuse ``sketch``
+        for the other rules by name.
       init: ``init(example, **hp) -> state``, the rule's state before the first round (optax-style;
         ``example`` a (d,) array or ``jax.ShapeDtypeStruct``). Default: ``()`` (stateless).
       update: ``update(stack, state, *, f, key, **hp) -> (aggregate (d,), state, info dict)``, one round.
