@@ -109,50 +109,47 @@ def cosine(a, b) -> float:
     return float(jnp.dot(a, b) / (jnp.linalg.norm(a) * jnp.linalg.norm(b)))
 
 
-def target_p256(quick: bool, repeats: int) -> dict:
-    p, d, k = (64, 50_000, 256) if quick else (256, 200_000, 1024)
+def time_target(p: int, d: int, k: int, *, exact: bool, repeats: int) -> dict:
+    """Round-robin times of the mean, FA and Multi-Krum (sketched, and exact when ``exact``; FA with
+    r = 64 when not), the Gram matrix or sketch alone, then FA's p x p solve alone on the sketched Gram
+    matrix; with ``exact``, also the cosine of sketched FA's output to exact FA's."""
     f = p // 5
     G = stack(p, d)
     key = jax.random.key(0)
     seed = sketch.seed_from_key(key)
-    fns = {
-        "mean": jax.jit(lambda g: flagjax.aggregate("mean", g, f=f)),
-        "FA exact": jax.jit(lambda g: flagjax.aggregate("flag", g, f=f)),
-        f"FA sketch={k}": jax.jit(lambda g: flagjax.aggregate("flag", g, f=f, key=key, sketch=k)),
-        "Multi-Krum exact": jax.jit(lambda g: flagjax.aggregate("multi_krum", g, f=f)),
-        f"Multi-Krum sketch={k}": jax.jit(lambda g: flagjax.aggregate("multi_krum", g, f=f, key=key, sketch=k)),
-        "exact Gram alone": jax.jit(solver.gram_matrix),
-        f"sketch + norms alone (k={k})": jax.jit(lambda g: sketch.sketch_and_norms(g, k, seed=seed)),
-    }
+    agg = lambda rule, **hp: jax.jit(lambda g: flagjax.aggregate(rule, g, f=f, **hp))  # noqa: E731
+    fns = {"mean": agg("mean")}
+    if exact:
+        fns["FA exact"] = agg("flag")
+    fns[f"FA sketch={k}"] = agg("flag", key=key, sketch=k)
+    if not exact:
+        fns[f"FA sketch={k}, r=64"] = agg("flag", key=key, sketch=k, r=64)
+    if exact:
+        fns["Multi-Krum exact"] = agg("multi_krum")
+    fns[f"Multi-Krum sketch={k}"] = agg("multi_krum", key=key, sketch=k)
+    if exact:
+        fns["exact Gram alone"] = jax.jit(solver.gram_matrix)
+    fns[f"sketch + norms alone (k={k})"] = jax.jit(lambda g: sketch.sketch_and_norms(g, k, seed=seed))
     t = round_robin(fns, (G,), repeats)
     info = aggregators.basic.sketched_gram_info(G, k, seed=seed)
     r = aggregators.default_rank(p)
     solve = jax.jit(lambda K, v: solver.solve_gram(K, v, r=r, pairwise=False)[0])
-    t["FA's p x p solve alone"] = round_robin({"s": solve}, (info.K, info.valid), repeats)["s"]
-    exact = fns["FA exact"](G)
-    sk = fns[f"FA sketch={k}"](G)
-    return {"p": p, "d": d, "k": k, "ms": t, "fa_cosine": cosine(exact, sk)}
+    name = "FA's p x p solve alone" if exact else f"FA's p x p solve alone (r={r})"
+    t[name] = round_robin({"s": solve}, (info.K, info.valid), repeats if exact else max(3, repeats // 2))["s"]
+    out = {"p": p, "d": d, "k": k, "ms": t}
+    if exact:
+        out["fa_cosine"] = cosine(fns["FA exact"](G), fns[f"FA sketch={k}"](G))
+    return out
+
+
+def target_p256(quick: bool, repeats: int) -> dict:
+    """p = 256, d = 2e5, k = 1024 (the FA <= 10x the mean target), exact rules beside."""
+    return time_target(*((64, 50_000, 256) if quick else (256, 200_000, 1024)), exact=True, repeats=repeats)
 
 
 def target_p1024(quick: bool, repeats: int) -> dict:
-    p, d, k = (256, 200_000, 1024) if quick else (1024, 1_000_000, 4096)
-    f = p // 5
-    G = stack(p, d)
-    key = jax.random.key(0)
-    seed = sketch.seed_from_key(key)
-    fns = {
-        "mean": jax.jit(lambda g: flagjax.aggregate("mean", g, f=f)),
-        f"FA sketch={k}": jax.jit(lambda g: flagjax.aggregate("flag", g, f=f, key=key, sketch=k)),
-        f"FA sketch={k}, r=64": jax.jit(lambda g: flagjax.aggregate("flag", g, f=f, key=key, sketch=k, r=64)),
-        f"Multi-Krum sketch={k}": jax.jit(lambda g: flagjax.aggregate("multi_krum", g, f=f, key=key, sketch=k)),
-        f"sketch + norms alone (k={k})": jax.jit(lambda g: sketch.sketch_and_norms(g, k, seed=seed)),
-    }
-    t = round_robin(fns, (G,), repeats)
-    info = aggregators.basic.sketched_gram_info(G, k, seed=seed)
-    r = aggregators.default_rank(p)
-    solve = jax.jit(lambda K, v: solver.solve_gram(K, v, r=r, pairwise=False)[0])
-    t[f"FA's p x p solve alone (r={r})"] = round_robin({"s": solve}, (info.K, info.valid), max(3, repeats // 2))["s"]
-    return {"p": p, "d": d, "k": k, "ms": t}
+    """p = 1024, d = 1e6, k = 4096 (runs on this machine; exact FA not timed)."""
+    return time_target(*((256, 200_000, 1024) if quick else (1024, 1_000_000, 4096)), exact=False, repeats=repeats)
 
 
 def sharded_points(quick: bool, repeats: int) -> dict:
@@ -208,6 +205,18 @@ def main(argv=None):
     return text
 
 
+def _timing_table(res: dict, what: str, fmt: str) -> list[str]:
+    """A section heading and the table of one :func:`time_target` result (ms and x the mean)."""
+    t, mean = res["ms"], res["ms"]["mean"]
+    return [
+        f"## p = {res['p']}, d = {res['d']:.0e}, sketch = {res['k']} ({what})",
+        "",
+        "| setup | ms | x mean |",
+        "|---|---|---|",
+        *[f"| {name} | {fmt.format(ms)} | {ms / mean:.2f} |" for name, ms in t.items()],
+    ]
+
+
 def report(args, F, B, a, b, sh) -> str:
     cmd = (
         "python benchmarks/sketch.py" + (" --quick" if args.quick else "") + (f" --out {args.out}" if args.out else "")
@@ -227,11 +236,7 @@ def report(args, F, B, a, b, sh) -> str:
     mean = t["mean"]
     fa = t[f"FA sketch={k}"]
     L += [
-        f"## p = {a['p']}, d = {a['d']:.0e}, sketch = {k} (target: FA sketched <= 10x the mean)",
-        "",
-        "| setup | ms | x mean |",
-        "|---|---|---|",
-        *[f"| {name} | {ms:.2f} | {ms / mean:.2f} |" for name, ms in t.items()],
+        *_timing_table(a, "target: FA sketched <= 10x the mean", "{:.2f}"),
         "",
         f"FA sketched / mean = **{fa / mean:.2f}**"
         + ("" if args.quick else f" (target <= 10: {'met' if fa / mean <= 10 else 'missed'})")
@@ -240,15 +245,8 @@ def report(args, F, B, a, b, sh) -> str:
         f"synthetic stack: {a['fa_cosine']:.4f} (the >= 0.98 target is on real gradients: experiments/results/scale).",
         "",
     ]
-    t = b["ms"]
-    k = b["k"]
-    mean = t["mean"]
     L += [
-        f"## p = {b['p']}, d = {b['d']:.0e}, sketch = {k} (target: runs; time against the mean's)",
-        "",
-        "| setup | ms | x mean |",
-        "|---|---|---|",
-        *[f"| {name} | {ms:.1f} | {ms / mean:.2f} |" for name, ms in t.items()],
+        *_timing_table(b, "target: runs; time against the mean's", "{:.1f}"),
         "",
         "Exact FA at this size is a 2e12-flop Gram product (about a minute here): not timed.",
         "",

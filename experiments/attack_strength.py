@@ -16,12 +16,10 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
-from jax.flatten_util import ravel_pytree
 
 import flagjax
 from experiments import common
-from flagjax import attacks, train
+from flagjax import attacks
 
 RULES = (
     "flag",
@@ -44,20 +42,7 @@ F = 3
 def capture(args) -> np.ndarray:
     """(12, d) honest per-worker gradients at the last step of a short mean-aggregated run without attackers."""
     base = common.base_config(args, num_workers=12, num_byzantine=0, attack="none", rule="mean")
-    steps = base.steps if args.quick else min(base.steps, 100)
-    su = train.setup(base)
-    state = su.state
-    for s in range(steps):
-        state, _ = su.step(state, *su.batch(s))
-    x, y = su.batch(steps)
-    params = jax.tree.map(lambda a: a[0], state.params)
-
-    def loss(p, xb, yb):
-        logits = su.model.apply({"params": p}, xb)
-        return optax.softmax_cross_entropy_with_integer_labels(logits, yb).mean()
-
-    grads = jax.vmap(jax.grad(loss), in_axes=(None, 0, 0))(params, x[0], y[0])
-    return np.asarray(jax.vmap(lambda g: ravel_pytree(g)[0])(grads))
+    return common.capture_gradients(base, base.steps if args.quick else min(base.steps, 100))
 
 
 def damage(rule, honest, byz, objective, key) -> float:

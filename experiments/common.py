@@ -25,7 +25,10 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import jax
 import numpy as np
+import optax
+from jax.flatten_util import ravel_pytree
 
 from flagjax import train
 
@@ -276,6 +279,25 @@ def run_cells(args, cells: Sequence[Cell], base: train.TrainConfig, *, progress=
     return records
 
 
+def capture_gradients(base: train.TrainConfig, steps: int) -> np.ndarray:
+    """(p, d) honest per-worker gradients (float32) at step ``steps`` of a run of ``base`` (meant to be
+    mean-aggregated without attackers): train ``steps`` steps, then each worker's gradient on its own
+    batch of the next step, at the trained parameters."""
+    su = train.setup(base)
+    state = su.state
+    for s in range(steps):
+        state, _ = su.step(state, *su.batch(s))
+    x, y = su.batch(steps)
+    params = jax.tree.map(lambda a: a[0], state.params)
+
+    def loss(prm, xb, yb):
+        logits = su.model.apply({"params": prm}, xb)
+        return optax.softmax_cross_entropy_with_integer_labels(logits, yb).mean()
+
+    grads = jax.vmap(jax.grad(loss), in_axes=(None, 0, 0))(params, x[0], y[0])
+    return np.asarray(jax.vmap(lambda g: ravel_pytree(g)[0])(grads))
+
+
 # runs logged before run.json recorded the device were all made on the project's 2-core CPU machine
 UNRECORDED_DEVICE = "cpu (not recorded: runs before the device field, all on the 2-core CPU machine)"
 
@@ -432,6 +454,23 @@ def plot_bars(args, records: list[dict], path_name: str, *, title: str, value="t
     ax.grid(alpha=0.3, axis="y")
     ax.legend(fontsize=7, ncol=2)
     return save_figure(args, fig, path_name)
+
+
+def accuracy_and_step_time(args, records: list[dict], title: str, *, log_every: int, fmt: str = "{:.1f}") -> str:
+    """The body of a report on accuracy and time per step: each record gets ``ms_per_step`` (the median
+    of its blocked step times, logged every ``log_every`` steps), then the accuracy table, the time table
+    and a bar plot of each (``accuracy.png``, ``ms_per_step.png``)."""
+    for r in records:
+        r["ms_per_step"] = 1e3 * float(np.median([h["step_time"] for h in r["history"] if "step_time" in h]))
+    acc = plot_bars(args, records, "accuracy.png", title=title)
+    ms = plot_bars(args, records, "ms_per_step.png", title=title, value="ms_per_step", ylabel="ms per step")
+    return (
+        table(records)
+        + f"\n\nTime per training step (ms; per run the median of the step times logged every {log_every} steps, "
+        "each blocked on the result; compilation and evaluation excluded):\n\n"
+        + table(records, value="ms_per_step", fmt=fmt)
+        + f"\n\n![accuracy]({acc.name})\n\n![time per step]({ms.name})"
+    )
 
 
 def plot_heatmap(args, records: list[dict], path_name: str, *, title: str, value="test_accuracy"):

@@ -1,8 +1,6 @@
 """Paper Fig. 8: scalability, p = 15 / 30 / 60 with f = 3 / 6 / 12 augmented-data (Lotka-Volterra,
 t = 0.006) workers and r = 8 / 16 / 32, as the authors' scripts did: accuracy and time per step."""
 
-import numpy as np
-
 from experiments import common
 
 SETTINGS = ((15, 3, 8), (30, 6, 16), (60, 12, 32))
@@ -21,18 +19,8 @@ def main(argv=None):
         for rule in ("normalized_mean", "mean", "multi_krum"):
             cells.append(common.Cell(rule, f"p={p}", {"rule": rule, "num_workers": p, "num_byzantine": f}))
     recs = common.run_cells(args, cells, base, batch=False)  # time per step: one run per program
-    for r in recs:  # median of the blocked step times logged every log_every steps (no compilation, no eval)
-        r["ms_per_step"] = 1e3 * float(np.median([h["step_time"] for h in r["history"] if "step_time" in h]))
     title = "Fig. 8 — scalability (augmented-data workers)"
-    acc = common.plot_bars(args, recs, "accuracy.png", title=title)
-    ms = common.plot_bars(args, recs, "ms_per_step.png", title=title, value="ms_per_step", ylabel="ms per step")
-    body = (
-        common.table(recs)
-        + "\n\nTime per training step (ms; per run the median of the step times logged every 20 steps, each "
-        "blocked on the result; compilation and evaluation excluded):\n\n"
-        + common.table(recs, value="ms_per_step", fmt="{:.1f}")
-        + f"\n\n![accuracy]({acc.name})\n\n![time per step]({ms.name})"
-    )
+    body = common.accuracy_and_step_time(args, recs, title, log_every=base.log_every)
     print(common.write_report(args, title, body, recs))
 
 

@@ -33,12 +33,10 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
-from jax.flatten_util import ravel_pytree
 
 import flagjax
 from experiments import common
-from flagjax import aggregators, solver, train
+from flagjax import aggregators, solver
 
 PARTS = ("error", "train", "large_p")
 KS = (256, 1024, 4096)
@@ -48,19 +46,7 @@ ERROR_SEEDS = 5
 def capture(args, *, p: int, model: str, steps: int) -> np.ndarray:
     """(p, d) honest per-worker gradients at step ``steps`` of a mean-aggregated run without attackers."""
     base = common.base_config(args, model=model, num_workers=p, num_byzantine=0, attack="none", rule="mean")
-    su = train.setup(base)
-    state = su.state
-    for s in range(steps):
-        state, _ = su.step(state, *su.batch(s))
-    x, y = su.batch(steps)
-    params = jax.tree.map(lambda a: a[0], state.params)
-
-    def loss(prm, xb, yb):
-        logits = su.model.apply({"params": prm}, xb)
-        return optax.softmax_cross_entropy_with_integer_labels(logits, yb).mean()
-
-    grads = jax.vmap(jax.grad(loss), in_axes=(None, 0, 0))(params, x[0], y[0])
-    return np.asarray(jax.vmap(lambda g: ravel_pytree(g)[0])(grads))
+    return common.capture_gradients(base, steps)
 
 
 def _basis(G, info, r) -> np.ndarray:
@@ -267,18 +253,8 @@ def part_large_p(args) -> str:
                 common.Cell(row, f"p={p}", {"rule": rule, "rule_hparams": rh, "num_workers": p, "num_byzantine": f})
             )
     recs = common.run_cells(args, cells, base, batch=False)  # time per step: one run per program
-    for r in recs:
-        r["ms_per_step"] = 1e3 * float(np.median([h["step_time"] for h in r["history"] if "step_time" in h]))
     title = "Hundreds of workers (MLP, f = p/5 ALIE)"
-    acc = common.plot_bars(args, recs, "accuracy.png", title=title)
-    ms = common.plot_bars(args, recs, "ms_per_step.png", title=title, value="ms_per_step", ylabel="ms per step")
-    body = (
-        common.table(recs)
-        + "\n\nTime per training step (ms; per run the median of the blocked step times logged every 10 steps; "
-        "compilation and evaluation excluded):\n\n"
-        + common.table(recs, value="ms_per_step", fmt="{:.0f}")
-        + f"\n\n![accuracy]({acc.name})\n\n![time per step]({ms.name})"
-    )
+    body = common.accuracy_and_step_time(args, recs, title, log_every=base.log_every, fmt="{:.0f}")
     return str(common.write_report(args, title, body, recs))
 
 
