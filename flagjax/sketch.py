@@ -1,7 +1,7 @@
 """A seeded count sketch of the rows of a (p, d) stack, and the sketched Gram matrix built from it.
 
 Every rule that works from the p x p Gram matrix (FA, Krum, Multi-Krum, Bulyan's selection, geomed,
-MDA, NNM) can take ``sketch=k``: its inner products come from a k-column sketch of the rows instead
+MDA, CAF, SMEA, NNM) can take ``sketch=k``: its inner products come from a k-column sketch of the rows instead
 of the O(p^2 d) exact product, while the row norms stay exact and the output stays an exact
 combination sum_i c_i g_i of the rows (docs/design.md section 6).
 
@@ -90,19 +90,6 @@ def seed_from_key(key: jax.Array) -> jax.Array:
     return jax.random.bits(jax.random.fold_in(key, 0x5C), (), jnp.uint32)
 
 
-# CPU: rows per scan, so that the (rows, 2k) accumulator stays in cache (8192 // k rows: 64 KiB of
-# float32), and blocks per scan iteration (unrolled). Measured at p = 256, d = 2e5, k = 1024 on this
-# CPU: the whole stack in one scan 73 ms, 8 rows and 8 blocks per iteration 22 ms, the mean 8 ms.
-_CPU_ACC_FLOATS = 8192
-_CPU_UNROLL = 8
-
-
-def _rows_per_scan(p: int, k: int) -> int:
-    """The largest divisor of p that is at most max(1, 8192 // k) (no padded copy of the stack)."""
-    target = max(1, _CPU_ACC_FLOATS // k)
-    return max(q for q in range(1, min(p, target) + 1) if p % q == 0)
-
-
 def resolve_seed(sketch_seed, key) -> jax.Array:
     """The () uint32 seed a rule sketches with: ``sketch_seed`` when given (an int: the same
     projection every round), else one drawn from the round's ``key`` (:func:`seed_from_key`, the
@@ -114,6 +101,19 @@ def resolve_seed(sketch_seed, key) -> jax.Array:
     if key is None:
         raise ValueError("a sketched rule needs a PRNG key (flagjax.aggregate passes one) or an explicit sketch_seed")
     return seed_from_key(key)
+
+
+# CPU: rows per scan, so that the (rows, 2k) accumulator stays in cache (8192 // k rows: 64 KiB of
+# float32), and blocks per scan iteration (unrolled). Measured at p = 256, d = 2e5, k = 1024 on this
+# CPU: the whole stack in one scan 73 ms, 8 rows and 8 blocks per iteration 22 ms, the mean 8 ms.
+_CPU_ACC_FLOATS = 8192
+_CPU_UNROLL = 8
+
+
+def _rows_per_scan(p: int, k: int) -> int:
+    """The largest divisor of p that is at most max(1, 8192 // k) (no padded copy of the stack)."""
+    target = max(1, _CPU_ACC_FLOATS // k)
+    return max(q for q in range(1, min(p, target) + 1) if p % q == 0)
 
 
 def _fold_cpu(x, k, first_block, seed):
