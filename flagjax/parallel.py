@@ -293,7 +293,6 @@ def _server_aggregate(cfg: StepConfig, stack, key, rule_state=()):
     rule, pre = aggregators.parse_spec(cfg.rule)
     hp = dict(cfg.rule_hparams)
     if rule == "flag" and not pre:
-        aggregators.check_sketch_hparams(aggregators.get(rule), hp, "rule_hparams")
         agg, fi = aggregators.flag_with_info(stack, key=key, **hp)
         # the paper's Fig. 3 comparison: reconstruction ratios on the (1-D) mean direction
         m = aggregators.mean(stack)
