@@ -158,3 +158,19 @@ def test_run_cells_trains_a_cells_seeds_as_one_program_and_reads_the_store_back(
     assert {r["test_accuracy"] for r in json.loads((out / "records.json").read_text())} == {0.123}
     common.RunStore(out / "runs.jsonl.gz").save()
     assert (out / "runs.jsonl.gz").read_bytes() == before
+
+
+def test_autodiff_worst_case_table():
+    """The recomputed worst case: the heatmap's worst attack (mean over seeds), the autodiff mean, their minimum
+    and the move; a row the heatmap lacks gets dashes."""
+    from experiments import autodiff_heatmap
+
+    rec = lambda row, col, s, v: {"row": row, "col": col, "seed": s, "test_accuracy": v}  # noqa: E731
+    heatmap = [rec("a", "alie", 0, 0.5), rec("a", "alie", 1, 0.7), rec("a", "ipm", 0, 0.65), rec("a", "ipm", 1, 0.65)]
+    heatmap += [rec("b", "ipm", 0, 0.3)]
+    ours = [rec("a", "autodiff", 0, 0.4), rec("a", "autodiff", 1, 0.6), rec("b", "autodiff", 0, 0.9)]
+    ours += [rec("c", "autodiff", 0, 0.2)]
+    lines = autodiff_heatmap.worst_case_table(ours, heatmap).splitlines()
+    assert lines[2] == "| a | 0.600 | alie | 0.500 | 0.500 | -0.100 |"
+    assert lines[3] == "| b | 0.300 | ipm | 0.900 | 0.300 | +0.000 |"
+    assert lines[4] == "| c | — | — | 0.200 | — | — |"
