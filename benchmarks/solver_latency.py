@@ -70,7 +70,7 @@ def main(argv=None):
         ),
         "eigh (p x p)": (lambda x: _eigh_body(x, K), K),
         "subspace step (CholeskyQR2)": (
-            lambda c: solver._subspace_step(geo, valid.astype(K.dtype), None, c[0], c[1], shift=1e-4),
+            lambda c: solver._subspace_step(geo, valid.astype(K.dtype), None, c[0], c[1], shift=1e-4)[:2],
             (C, K @ C),
         ),
     }
@@ -82,6 +82,11 @@ def main(argv=None):
     for label, kw in {
         "solve_gram subspace (default: 8 + 10 x 2 iterations)": {},
         "solve_gram subspace, max_iters=0 (start only)": {"max_iters": 0},
+        "solve_gram subspace, max_iters=0, start_iters=1 (the fixed part)": {"max_iters": 0, "start_iters": 1},
+        # a warm start from the previous round's basis (issue #15) could at best drop the flag-mean
+        # start's iterations: this row bounds its gain
+        "solve_gram subspace, start_iters=1 (a warm start's best case)": {"start_iters": 1},
+        "solve_gram subspace, inner_iters=1 (1 iteration per IRLS step)": {"inner_iters": 1},
         "solve_gram eigh (11 eigh)": {"method": "eigh"},
         "solve_gram pallas (the default's loop as one kernel)": {"method": "pallas"},
     }.items():

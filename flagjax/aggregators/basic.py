@@ -12,6 +12,7 @@ from jax import lax
 
 from flagjax import sketch as sketching
 from flagjax import solver
+from flagjax.aggregators.distance import combine
 from flagjax.aggregators.registry import Rule, register
 
 FLAG_OUTPUTS = ("code", "paper")
@@ -234,8 +235,6 @@ def normalized_mean(stack: jax.Array, *, f: int = 0, key=None, output: str = "co
     del f, key
     if output not in FLAG_OUTPUTS:
         raise ValueError(f"output must be one of {FLAG_OUTPUTS}; got {output!r}")
-    from flagjax.aggregators.distance import combine
-
     norms = jnp.sqrt(jnp.einsum("pd,pd->p", stack, stack, precision=lax.Precision.HIGHEST))
     finite = jnp.isfinite(norms)
     w = normalized_mean_weights(jnp.where(finite, norms, 0), output=output, r=r)
