@@ -96,7 +96,14 @@ def main(argv=None):
         "| rule | step (ms) | / mean |",
         "|---|---|---|",
     ]
-    rules = {"mean": {}, "flag": {}, "flag eigh": {"method": "eigh"}, "multi_krum": {}, "median": {}}
+    rules = {
+        "mean": {},
+        "flag": {},
+        "flag warm_start=2": {"warm_start": 2},  # the previous step's basis as the start (issue #15)
+        "flag eigh": {"method": "eigh"},
+        "multi_krum": {},
+        "median": {},
+    }
     if jax.default_backend() == "gpu":  # the one-kernel solver (interpreted on CPU: for tests, not timing)
         rules["flag pallas"] = {"method": "pallas"}
 
@@ -122,7 +129,7 @@ def main(argv=None):
             "|---|---|---|",
         ]
         cifar = synthetic(2000, shape=(32, 32, 3))
-        shown = [k for k in rules if k in ("mean", "flag", "flag eigh", "flag pallas")]
+        shown = [k for k in rules if k in ("mean", "flag", "flag warm_start=2", "flag eigh", "flag pallas")]
         cfgs = {k: cfg_of(k, rules[k], batch_size=32, model="resnet18") for k in shown}
         try:
             t = time_interleaved({r: train.setup(c, cifar) for r, c in cfgs.items()}, steps)

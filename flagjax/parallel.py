@@ -164,7 +164,7 @@ def resolve_layout(cfg: StepConfig, num_devices: int) -> tuple[str, str]:
     rule, pre = aggregators.parse_spec(cfg.rule)
     if pre:
         return "server", f"pre-aggregators {pre} need whole rows"
-    if aggregators.get(rule).stateful:
+    if aggregators.get(rule).keeps_state(cfg.num_workers, **dict(cfg.rule_hparams)):
         return "server", f"rule {rule!r} keeps a state across rounds"
     if not aggregators.get(rule).shardable:
         ok = ", ".join(n for n in aggregators.names() if aggregators.get(n).shardable)
@@ -292,15 +292,14 @@ def _server_aggregate(cfg: StepConfig, stack, key, rule_state=()):
     """(aggregate, new rule state, info) of the whole (p, D) stack."""
     rule, pre = aggregators.parse_spec(cfg.rule)
     hp = dict(cfg.rule_hparams)
-    if rule == "flag" and not pre:
-        agg, fi = aggregators.flag_with_info(stack, key=key, **hp)
-        # the paper's Fig. 3 comparison: reconstruction ratios on the (1-D) mean direction
-        m = aggregators.mean(stack)
-        cos2 = jnp.dot(stack, m) ** 2 / (jnp.einsum("pd,pd->p", stack, stack) * jnp.dot(m, m))
-        return agg, rule_state, {"ratios": fi.ratios, "status": fi.status, "mean_ratios": jnp.nan_to_num(cos2)}
     agg, rule_state, info = aggregators.aggregate_update(
         cfg.rule, stack, rule_state, f=cfg.num_byzantine, key=key, **hp
     )
+    if rule == "flag" and not pre:
+        # the paper's Fig. 3 comparison: reconstruction ratios on the (1-D) mean direction
+        m = aggregators.mean(stack)
+        cos2 = jnp.dot(stack, m) ** 2 / (jnp.einsum("pd,pd->p", stack, stack) * jnp.dot(m, m))
+        info = {**info, "mean_ratios": jnp.nan_to_num(cos2)}
     return agg, rule_state, info
 
 
@@ -484,9 +483,9 @@ def init_worker_momentum(cfg: StepConfig, params_template, mesh=None):
 
 
 def init_rule_state(cfg: StepConfig, params_template) -> Any:
-    """The rule's state before step 0 (``Rule.init`` for a (D,) float32 example): e.g. a zero
-    :class:`flagjax.aggregators.CenterState` for centered clipping centred on its previous aggregate;
-    ``()`` for stateless rules."""
+    """The rule's state before step 0 (``Rule.init`` for a (p, D) float32 example of the stack): e.g. a
+    zero :class:`flagjax.aggregators.CenterState` for centered clipping centred on its previous aggregate,
+    a zero :class:`flagjax.aggregators.FlagState` for FA with ``warm_start``; ``()`` for stateless rules."""
     D = ravel_pytree(params_template)[0].shape[0]
-    example = jax.ShapeDtypeStruct((D,), jnp.float32)
-    return aggregators.init_state(cfg.rule, example, **dict(cfg.rule_hparams))
+    example = jax.ShapeDtypeStruct((cfg.num_workers, D), jnp.float32)
+    return aggregators.init_state(cfg.rule, example, f=cfg.num_byzantine, **dict(cfg.rule_hparams))

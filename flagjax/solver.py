@@ -44,6 +44,7 @@ __all__ = [
     "prepare_gram",
     "gram_info_from_raw",
     "solve_gram",
+    "warm_start_block",
     "combine_rows",
     "unit_rows",
     "objective",
@@ -480,6 +481,30 @@ def _start_block(K: jax.Array, valid: jax.Array, r: int) -> jax.Array:
     return jnp.where(valid[:, None], omega[rank], 0)
 
 
+def warm_start_block(K: jax.Array, valid: jax.Array, r: int, start: jax.Array | None = None) -> jax.Array:
+    """(p, r) start of the subspace iteration: the columns of ``start`` (rows of invalid points zeroed)
+    where they are alive in the K metric, the fixed Gaussian block's (:func:`_start_block`) elsewhere;
+    that block alone when ``start`` is None. A warm start passes the previous round's coefficients C
+    (Y = X C): the same workers' new rows X' give the start Y' = X' C, a good one when gradients change
+    little from round to round. A zero start (the first round) gives the cold start exactly, and a
+    column that was zero (the previous points spanned fewer than r dimensions) is refilled, so no
+    direction stays lost. The subspace iteration that follows orthonormalises the block.
+
+    Args:
+      K: (p, p) unit Gram matrix. valid: (p,) bool. r: static rank.
+      start: optional (p, r) float array.
+    """
+    cold = _start_block(K, valid, r)
+    if start is None:
+        return cold
+    if start.shape != cold.shape:
+        raise ValueError(f"start must be a (p, r) = {cold.shape} array of coefficients; got shape {start.shape}")
+    s = jnp.where(valid[:, None], start.astype(K.dtype), 0)
+    s = jnp.where(jnp.isfinite(s), s, 0)
+    live = jnp.sum(s * _dot(K, s), axis=0) > 16 * jnp.finfo(K.dtype).tiny
+    return jnp.where(live[None, :], s, cold)
+
+
 def solve_gram(
     K: jax.Array,
     valid: jax.Array,
@@ -493,6 +518,7 @@ def solve_gram(
     inner_iters: int = INNER_ITERS,
     start_iters: int = START_ITERS,
     pairwise: bool = True,
+    start: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array, jax.Array, jax.Array, jax.Array]:
     """Flag-median IRLS entirely in p-space (the inner solver of :func:`flag_median`).
 
@@ -530,6 +556,9 @@ def solve_gram(
       method: static, one of :data:`METHODS`.
       inner_iters, start_iters: static iteration counts of the subspace method (ignored by "eigh").
       pairwise: static; False drops the pairwise term's work (only valid when lam is 0).
+      start: optional (p, r) coefficients to start the subspace iteration from instead of the fixed
+        Gaussian block (a warm start: the previous round's basis, Y = X start; see
+        :func:`warm_start_block`); ignored by ``method="eigh"``.
 
     Returns:
       (C, ratios, weights, objective, trace, num_steps, converged): C is (p, r) with Y = X C.
@@ -552,7 +581,7 @@ def solve_gram(
     gpu = jax.default_backend() == "gpu"
     if method == "pallas" or (method == "subspace" and kernel_ok and gpu):
         kw = dict(r=r, max_iters=max_iters, inner_iters=inner_iters, start_iters=start_iters, shift=shift)
-        args = (K, valid, _start_block(K, valid, r), eps, tol)
+        args = (K, valid, warm_start_block(K, valid, r, start), eps, tol)
         kernel = lambda *a: solver_kernel.solve_gram_kernel(*a, **kw)  # noqa: E731
         if method == "pallas":  # everywhere; interpreted on CPU (tests)
             interpreted = lambda *a: solver_kernel.solve_gram_kernel(*a, **kw, interpret=True)  # noqa: E731
@@ -560,7 +589,7 @@ def solve_gram(
 
         # "subspace": the kernel on NVIDIA GPUs, the XLA loop below elsewhere (same algorithm)
         def loop(*_):
-            opts = dict(inner_iters=inner_iters, start_iters=start_iters, pairwise=pairwise)
+            opts = dict(inner_iters=inner_iters, start_iters=start_iters, pairwise=pairwise, start=start)
             return solve_gram(K, valid, lam, eps, tol, r=r, max_iters=max_iters, method="subspace_xla", **opts)
 
         return lax.platform_dependent(*args, cuda=kernel, default=loop)
@@ -577,7 +606,7 @@ def solve_gram(
         C, KC = lax.fori_loop(0, iters - 1, step, (C, KC), unroll=min(iters - 1, 2) or 1)
         return _subspace_step(geo, a, Bt, C, KC, shift=shift)
 
-    C0 = _start_block(K, valid, r)
+    C0 = warm_start_block(K, valid, r, start)
     C0, KC0 = _cholesky_pass(C0, _dot(K, C0), shift=shift, drop=None)[:2] if method != "eigh" else (C0, C0)
     C0, KC0, ok0 = solve(a0, b0, C0, KC0, start_iters)
     obj0, ratios0, na, nb = _evaluate(geo, KC0, lam, eps, pairwise)

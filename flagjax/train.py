@@ -147,11 +147,12 @@ class TrainConfig:
 
     def validate(self) -> None:
         """Raise :class:`ConfigError` naming the first invalid field (every run of a batch is checked)."""
-        if isinstance(self.rule_hparams.get("sketch"), Values):
-            raise ConfigError(
-                f"invalid rule_hparams.sketch={list(self.rule_hparams['sketch'])!r}: must be one int: the sketch "
-                "width sets shapes, so several widths are several programs (run them separately)"
-            )
+        for name, what in (("sketch", "the sketch width sets shapes"), ("warm_start", "it sets the rule state's structure")):
+            if isinstance(self.rule_hparams.get(name), Values):
+                raise ConfigError(
+                    f"invalid rule_hparams.{name}={list(self.rule_hparams[name])!r}: must be one int: {what}, so "
+                    "several values are several programs (run them separately)"
+                )
         for _, run in expand(self):
             run._validate_one()
         if self.runs_per_program < 0:
@@ -197,6 +198,11 @@ class TrainConfig:
                 self.rule_hparams["r"],
                 f"must satisfy 1 <= r <= num_workers={self.num_workers}",
             )
+        if rule == "flag" and "warm_start" in self.rule_hparams:
+            try:
+                aggregators.basic.check_warm_start(self.rule_hparams["warm_start"])
+            except ValueError as err:
+                bad("rule_hparams.warm_start", self.rule_hparams["warm_start"], str(err))
         try:
             aggregators.check_sketch_hparams(aggregators.get(rule), self.rule_hparams, "rule_hparams")
         except ValueError as err:

@@ -181,7 +181,7 @@ def test_bad_sketch_arguments_are_refused_by_name():
 
 
 def test_config_refuses_a_batch_of_sketch_widths_and_unsketchable_rules(tmp_path):
-    with pytest.raises(train.ConfigError, match="rule_hparams.sketch.*several widths"):
+    with pytest.raises(train.ConfigError, match="rule_hparams.sketch.*several values"):
         small_config(tmp_path, rule="flag", rule_hparams={"sketch": train.Values((64, 128))}).validate()
     with pytest.raises(train.ConfigError, match="rule 'trimmed_mean' does not work from the Gram matrix"):
         small_config(tmp_path, rule="trimmed_mean", rule_hparams={"sketch": 64}).validate()

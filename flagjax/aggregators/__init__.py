@@ -17,6 +17,7 @@ from flagjax.aggregators import basic, coordinatewise, distance, pre, spectral
 from flagjax.aggregators.basic import (
     FLAG_OUTPUTS,
     FlagInfo,
+    FlagState,
     default_rank,
     flag,
     flag_coefficients,
@@ -54,6 +55,7 @@ __all__ = [
     "CenterState",
     "FLAG_OUTPUTS",
     "FlagInfo",
+    "FlagState",
     "PreAggregator",
     "Rule",
     "aggregate",

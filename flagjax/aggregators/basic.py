@@ -48,6 +48,8 @@ class FlagInfo(NamedTuple):
       num_steps: () IRLS steps taken.
       status: () :class:`flagjax.solver.FlagStatus` code.
       valid: (p,) bool, rows that were finite and non-zero.
+      basis: (p, r) coefficients C of the subspace basis Y = X C in the unit rows x_i (columns past
+        the points' rank are zero): what a warm start carries to the next round (:class:`FlagState`).
     """
 
     ratios: jax.Array
@@ -57,6 +59,14 @@ class FlagInfo(NamedTuple):
     num_steps: jax.Array
     status: jax.Array
     valid: jax.Array
+    basis: jax.Array
+
+
+class FlagState(NamedTuple):
+    """State of FA with ``warm_start > 0``: ``basis`` (p, r), the previous round's subspace basis as
+    coefficients of that round's unit rows (:attr:`FlagInfo.basis`; zeros before the first round)."""
+
+    basis: jax.Array
 
 
 def default_rank(p: int) -> int:
@@ -80,6 +90,8 @@ def flag_with_info(
     start_iters: int = solver.START_ITERS,
     sketch: int = 0,
     sketch_seed=None,
+    warm_start: int = 0,
+    start: jax.Array | None = None,
 ) -> tuple[jax.Array, FlagInfo]:
     """Flag Aggregator with diagnostics: (p, d) stack -> ((d,) aggregate, :class:`FlagInfo`).
 
@@ -116,6 +128,15 @@ def flag_with_info(
         of the rows). Worth it at many workers (docs/guide.md, "Many workers: a sketched Gram").
       sketch_seed: the sketch's seed (an int gives the same projection every round, which an attacker
         who knows it can exploit: the ``sketch_null`` attack); default None draws it from ``key``.
+      warm_start: static int; 0 (default) starts every call from the flag mean (``start_iters``
+        subspace iterations from a fixed Gaussian block). k > 0 starts from ``start`` instead and runs
+        k iterations there (:func:`flagjax.solver.warm_start_block`): the registered rule then keeps the
+        previous round's basis in its state (:class:`FlagState`), so a training run pays k iterations
+        for its start instead of ``start_iters``. Without ``start`` (or with a zero one: the first
+        round) the start is the Gaussian block with k iterations. Not in the sharded layout. A warm
+        start follows another path than the cold one (docs/guide.md, "A warm start").
+      start: (p, r) coefficients to start from (:attr:`FlagInfo.basis` of the previous round); only
+        with ``warm_start > 0``.
     """
     del f
     p = stack.shape[0]
@@ -125,14 +146,30 @@ def flag_with_info(
         raise ValueError(f"output must be one of {FLAG_OUTPUTS}; got {output!r}")
     solver._check_points(stack, r)
     solver._check_iters(max_iters)
-    opts = solver.solver_options(method, inner_iters, start_iters, lam)
+    warm_start = check_warm_start(warm_start)
+    if start is not None and not warm_start:
+        raise ValueError("start (a previous round's basis) is only used with warm_start > 0; got warm_start=0")
+    opts = solver.solver_options(method, inner_iters, warm_start or start_iters, lam)
     sketch = sketching.check_sketch(sketch)
     seed = sketching.resolve_seed(sketch_seed, key) if sketch else jnp.uint32(0)
+    if warm_start and start is None:
+        start = jnp.zeros((p, r), solver._work_dtype(jnp.asarray(stack).dtype))
     # one compiled program per (shape, dtype, r, max_iters, output, solver options): eager callers
     # (notebooks, tests, flagjax.aggregate) otherwise compile every small op of the IRLS loop anew
     return _flag_with_info_jit(
-        jnp.asarray(stack), lam, tol, eps, seed, r=r, max_iters=max_iters, output=output, opts=opts, sketch=sketch
+        jnp.asarray(stack), lam, tol, eps, seed, start, r=r, max_iters=max_iters, output=output, opts=opts, sketch=sketch
     )
+
+
+def check_warm_start(warm_start) -> int:
+    """The checked ``warm_start``: a Python int >= 0 (static: it sets the state's structure and the
+    start's trip count). ``ValueError`` naming it otherwise."""
+    if isinstance(warm_start, bool) or not isinstance(warm_start, int) or warm_start < 0:
+        raise ValueError(
+            f"warm_start must be a Python int >= 0 (0 = start every round from the flag mean, k > 0 = k "
+            f"subspace iterations from the previous round's basis); got {warm_start!r}"
+        )
+    return warm_start
 
 
 def sketched_gram_info(stack: jax.Array, k: int, *, seed) -> solver.GramInfo:
@@ -147,9 +184,11 @@ def sketched_gram_info(stack: jax.Array, k: int, *, seed) -> solver.GramInfo:
 
 
 @functools.partial(jax.jit, static_argnames=("r", "max_iters", "output", "opts", "sketch"))
-def _flag_with_info_jit(stack, lam, tol, eps, seed, *, r: int, max_iters: int, output: str, opts: tuple, sketch: int):
+def _flag_with_info_jit(
+    stack, lam, tol, eps, seed, start, *, r: int, max_iters: int, output: str, opts: tuple, sketch: int
+):
     info = sketched_gram_info(stack, sketch, seed=seed) if sketch else solver.prepare_gram(stack)
-    q, fi = _coefficients(info, r, lam, max_iters, tol, eps, output, opts)
+    q, fi = _coefficients(info, r, lam, max_iters, tol, eps, output, opts, start)
     agg = solver.combine_rows(stack, q, info)
     out_dtype = stack.dtype if jnp.issubdtype(stack.dtype, jnp.floating) else info.K.dtype
     return agg.astype(out_dtype), fi
@@ -178,9 +217,9 @@ def flag_coefficients(
     return _coefficients(info, r, lam, max_iters, tol, eps, output, opts)
 
 
-def _coefficients(info, r, lam, max_iters, tol, eps, output, opts):
+def _coefficients(info, r, lam, max_iters, tol, eps, output, opts, start=None):
     C, ratios, weights, obj, _, steps, converged = solver.solve_gram(
-        info.K, info.valid, lam, eps, tol, r=r, max_iters=max_iters, **dict(opts)
+        info.K, info.valid, lam, eps, tol, r=r, max_iters=max_iters, start=start, **dict(opts)
     )
     K = info.K
     dtype = K.dtype
@@ -191,7 +230,7 @@ def _coefficients(info, r, lam, max_iters, tol, eps, output, opts):
         q = C @ (C.T @ (K @ info.norms)) / n_valid
     coefficients = jnp.where(info.valid, q / jnp.where(info.valid, info.norms, 1), 0)
     status = solver.status_code(info.valid, converged)
-    return q, FlagInfo(ratios, weights, coefficients, obj, steps, status, info.valid)
+    return q, FlagInfo(ratios, weights, coefficients, obj, steps, status, info.valid, C)
 
 
 def flag(stack: jax.Array, **kwargs) -> jax.Array:
@@ -204,6 +243,8 @@ def flag_gram(raw: jax.Array, ok: jax.Array, *, f: int = 0, key=None, r: int | N
     the rows (non-finite rows zeroed; ``ok`` (p,) marks the finite ones) -> ((p,) c, info) with
     aggregate = sum_i c_i g_i. Same hyperparameters as :func:`flag_with_info`."""
     del f, key
+    if check_warm_start(hparams.pop("warm_start", 0)):
+        raise ValueError("flag's Gram-space form keeps no state: warm_start > 0 runs in the server layout only")
     info = solver.gram_info_from_raw(raw, ok=ok)
     r = r or default_rank(raw.shape[0])
     q, fi = flag_coefficients(info, r=r, **hparams)
@@ -211,7 +252,29 @@ def flag_gram(raw: jax.Array, ok: jax.Array, *, f: int = 0, key=None, r: int | N
     return c, {"ratios": fi.ratios, "status": fi.status}
 
 
-register(Rule("flag", flag, sanitize=False, gram=flag_gram, sketchable=True))
+def _flag_init(example, *, warm_start: int = 0, r: int | None = None, **hparams):
+    """:class:`FlagState` of zeros (p, r) for ``warm_start > 0`` (``example``: the (p, d) stack the
+    rule will see); ``()`` (stateless) otherwise."""
+    del hparams
+    if not check_warm_start(warm_start):
+        return ()
+    p = example.shape[0]
+    return FlagState(jnp.zeros((p, r or default_rank(p)), solver._work_dtype(example.dtype)))
+
+
+def _flag_update(stack, state, *, f: int = 0, key=None, **hparams):
+    """One round of FA; with a :class:`FlagState` it starts from the state's basis and returns this
+    round's. Info: the workers' reconstruction ratios and the solver status."""
+    if isinstance(state, FlagState):
+        agg, fi = flag_with_info(stack, f=f, key=key, start=state.basis, **hparams)
+        return agg, FlagState(fi.basis.astype(state.basis.dtype)), {"ratios": fi.ratios, "status": fi.status}
+    agg, fi = flag_with_info(stack, f=f, key=key, **hparams)
+    return agg, state, {"ratios": fi.ratios, "status": fi.status}
+
+
+register(
+    Rule("flag", flag, sanitize=False, gram=flag_gram, sketchable=True, init=_flag_init, update=_flag_update)
+)
 
 
 # ---------------------------------------------------------------------------------- normalized_mean

@@ -378,10 +378,11 @@ def is_previous(center) -> bool:
 
 
 def _cc_init(example, *, center=None, **hparams):
-    """CenterState(zeros) for ``center="previous"``; ``()`` (stateless) otherwise."""
+    """CenterState(zeros (d,)) for ``center="previous"`` (``example``: the (p, d) stack); ``()``
+    (stateless) otherwise."""
     del hparams
     if is_previous(center):
-        return CenterState(jnp.zeros(example.shape, jnp.float32))
+        return CenterState(jnp.zeros(example.shape[-1:], jnp.float32))
     return ()
 
 

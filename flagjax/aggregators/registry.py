@@ -79,7 +79,8 @@ class Rule:
         ``key`` unless ``sketch_seed`` is given. ``aggregate`` and the training config refuse ``sketch``
         for the other rules by name.
       init: ``init(example, **hp) -> state``, the rule's state before the first round (optax-style;
-        ``example`` a (d,) array or ``jax.ShapeDtypeStruct``). Default: ``()`` (stateless).
+        ``example`` a (p, d) array or ``jax.ShapeDtypeStruct`` shaped like the stack the rule will see,
+        after any pre-aggregators). Default: ``()`` (stateless).
       update: ``update(stack, state, *, f, key, **hp) -> (aggregate (d,), state, info dict)``, one round.
         Default: ``(fn(stack, ...), state, {})``. A stateful rule (centered clipping centred on its
         previous aggregate) keeps what it carries from round to round here; the training step stores
@@ -116,6 +117,14 @@ class Rule:
     def stateful(self) -> bool:
         """Whether the rule defines its own ``init`` (it may still return ``()`` for some hyperparameters)."""
         return self.init is not _stateless_init
+
+    def keeps_state(self, p: int, **hparams) -> bool:
+        """Whether ``init`` returns a state with arrays in it for p workers and these hyperparameters
+        (centered clipping only with ``center="previous"``, FA only with ``warm_start > 0``)."""
+        if not self.stateful:
+            return False
+        state = jax.eval_shape(lambda: self.init(jax.ShapeDtypeStruct((p, 1), jnp.float32), **hparams))
+        return bool(jax.tree_util.tree_leaves(state))
 
     def check_f(self, f, p: int) -> None:
         """Raise ``ValueError`` unless ``0 <= f <= max_f(p)`` (the one place the limit is checked)."""
@@ -316,7 +325,7 @@ def aggregate(
         key = jax.random.key(0)
     check_sketch_hparams(rule, hparams)
     stack = _before_rule(rule, pres, stack, f, key)
-    state = rule.init(jax.ShapeDtypeStruct(stack.shape[1:], stack.dtype), **hparams)
+    state = rule.init(jax.ShapeDtypeStruct(stack.shape, stack.dtype), **hparams)
     agg, _, _ = rule.update(stack, state, f=int(f), key=key, **hparams)
     return unflatten(agg)
 
@@ -333,11 +342,19 @@ def _before_rule(rule: Rule, pres: list, stack: jax.Array, f: int, key: jax.Arra
     return sanitize_rows(stack) if rule.sanitize else stack
 
 
-def init_state(name: str, example, **hparams) -> Any:
+def init_state(name: str, example, *, f: int = 0, **hparams) -> Any:
     """The state of rule spec ``name`` (``"nnm+centered_clipping"``: its final rule's) before the first
-    round, for a (d,) ``example``; ``()`` for stateless rules."""
-    rule_name, _ = parse_spec(name)
-    return get(rule_name).init(example, **hparams)
+    round, for a (p, d) ``example`` of the input stack (array or ``jax.ShapeDtypeStruct``); the rule's own
+    ``init`` sees the shape that the pre-aggregators give it (``"bucketing+flag"``: p / s rows).
+    ``()`` for stateless rules. ``f``: the declared Byzantine count, as for :func:`aggregate_update`."""
+    rule_name, pre = parse_spec(name)
+    rule = get(rule_name)
+    if pre:
+        example = jax.eval_shape(
+            lambda s: _before_rule(rule, [(get_pre(n), {}) for n in pre], s, f, jax.random.key(0)),
+            jax.ShapeDtypeStruct(example.shape, example.dtype),
+        )
+    return rule.init(example, **hparams)
 
 
 def aggregate_update(
