@@ -36,3 +36,17 @@ def median_seconds(fn, *args, repeats: int = 7, warmup: int = 1) -> float:
         jax.block_until_ready(fn(*args))
         ts.append(time.perf_counter() - t0)
     return statistics.median(ts)
+
+
+def round_robin(fns: dict, args: tuple, repeats: int) -> dict[str, float]:
+    """Median ms of each ``fn(*args)``, after two warm-up calls each, timed one after the other in turn."""
+    for fn in fns.values():
+        for _ in range(2):
+            jax.block_until_ready(fn(*args))
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            jax.block_until_ready(fn(*args))
+            times[name].append(time.perf_counter() - t0)
+    return {k: 1e3 * statistics.median(v) for k, v in times.items()}

@@ -29,7 +29,7 @@ import _report  # benchmarks/_report.py (the script's folder is on sys.path)
 import jax
 import jax.numpy as jnp
 import numpy as np
-from _timing import median_seconds  # benchmarks/_timing.py
+from _timing import median_seconds, round_robin  # benchmarks/_timing.py
 
 import flagjax
 
@@ -75,20 +75,21 @@ def solver_suite(quick: bool):
         rng = np.random.default_rng(p + d)
         G = (rng.normal(size=d)[None] + rng.normal(size=(p, d))).astype(np.float32)
         Gj = jnp.asarray(G)
-        fns = {
-            "multi_krum": jax.jit(lambda g, f=f: flagjax.aggregate("multi_krum", g, f=f)),
-            "flag": jax.jit(lambda g, f=f: flagjax.aggregate("flag", g, f=f)),
-            "flag eigh": jax.jit(lambda g, f=f: flagjax.aggregate("flag", g, f=f, method="eigh")),
-        }
-        big = p * d >= 15_000_000
-        rep = 3 if (quick or p * d > 50_000_000) else (9 if big else 51)
-        t = {"numpy G@G.T": timeit(lambda g: g @ g.T, G, repeats=rep)}
-        t.update({k: timeit(fn, Gj, repeats=rep) for k, fn in fns.items()})
         # a training round with warm_start=2: the previous round's basis (of a stack the noise moved) as start
         prev = Gj + 0.1 * jnp.asarray(rng.normal(size=(p, d)), jnp.float32)
         basis = flagjax.aggregators.flag_with_info(prev, warm_start=2)[1].basis
-        warm = jax.jit(lambda g, c: flagjax.aggregators.flag_with_info(g, warm_start=2, start=c)[0])
-        t["flag warm"] = timeit(warm, Gj, basis, repeats=rep)
+        fns = {
+            "multi_krum": jax.jit(lambda g, c, f=f: flagjax.aggregate("multi_krum", g, f=f)),
+            "flag": jax.jit(lambda g, c, f=f: flagjax.aggregate("flag", g, f=f)),
+            "flag warm": jax.jit(lambda g, c: flagjax.aggregators.flag_with_info(g, warm_start=2, start=c)[0]),
+            "flag eigh": jax.jit(lambda g, c, f=f: flagjax.aggregate("flag", g, f=f, method="eigh")),
+        }
+        big = p * d >= 15_000_000
+        rep = 3 if quick else (5 if p * d > 50_000_000 else (21 if big else 201))
+        t = {"numpy G@G.T": timeit(lambda g: g @ g.T, G, repeats=rep)}
+        # round-robin (one call of each in turn): the flag variants differ by a few percent, less than this
+        # machine drifts over a block of repeats timed one function after the other
+        t.update(round_robin(fns, (Gj, basis), rep))
         if p <= 64:  # the one-kernel solver (Pallas; interpreted, so slow, on CPU)
             pallas = jax.jit(lambda g, f=f: flagjax.aggregate("flag", g, f=f, method="pallas"))
             try:
@@ -103,17 +104,18 @@ def solver_suite(quick: bool):
 def render_solver(rows) -> str:
     lines = [
         "",
-        "## FA's solver against Multi-Krum (ms, float32, default hyperparameters, median of repeats)",
+        "## FA's solver against Multi-Krum (ms, float32, default hyperparameters, median of repeats, the JAX",
+        "setups timed round-robin)",
         "",
         "`flag`: the default solver (subspace iteration, no eigendecomposition; 8 start + 2 per IRLS step);",
         "`flag eigh`: the exact reference (one eigh per IRLS step at lam = 0). Both run 10 IRLS steps, a",
         "fixed trip count. f = p // 5. Targets (issue): flag / multi_krum <= 1.2 at p = 15, d = 1e4;",
         "<= 1.0 at p = 60, d = 1e4; <= 1.1 at p = 15, d = 1e6 (CPU); <= 1.5 at p = 15 and 60, d = 1e6 (GPU).",
         "",
-        "`flag warm`: FA with `warm_start=2`, started from the basis of a previous round (the same stack plus
-noise), as in training: 2 start iterations instead of 8 (issue #15's warm start through the rule state).
-
-`flag pallas`: the default's loop as one Pallas kernel (p <= 64; on CPU it runs interpreted, which",
+        "`flag warm`: FA with `warm_start=2`, started from the basis of a previous round (the same stack plus",
+        "noise), as in training: 2 start iterations instead of 8 (issue #15's warm start through the rule state).",
+        "",
+        "`flag pallas`: the default's loop as one Pallas kernel (p <= 64; on CPU it runs interpreted, which",
         "is for tests, not speed).",
         "",
         "| p | f | d | numpy G@G.T | multi_krum | flag | flag warm | flag eigh | flag pallas | flag / multi_krum "

@@ -26,14 +26,13 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import subprocess
 import sys
-import time
 
 import _report  # benchmarks/_report.py (the script's folder is on sys.path)
 import jax
 import jax.numpy as jnp
+from _timing import round_robin  # benchmarks/_timing.py
 
 import flagjax
 from flagjax import aggregators, sketch, solver
@@ -74,20 +73,6 @@ def predict_ms(flops: float, nbytes: float, F: float, B: float) -> float:
 
 
 # ------------------------------------------------------------------------------------------ timing
-def round_robin(fns: dict, args: tuple, repeats: int) -> dict[str, float]:
-    """Median ms of each ``fn(*args)``, after two warm-up calls each, timed one after the other in turn."""
-    for fn in fns.values():
-        for _ in range(2):
-            jax.block_until_ready(fn(*args))
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            t0 = time.perf_counter()
-            jax.block_until_ready(fn(*args))
-            times[name].append(time.perf_counter() - t0)
-    return {k: 1e3 * statistics.median(v) for k, v in times.items()}
-
-
 def stack(p: int, d: int, seed: int = 0) -> jax.Array:
     """A (p, d) float32 stack of correlated rows (a shared direction plus noise), made on the device."""
     k1, k2 = jax.random.split(jax.random.key(seed))

@@ -19,6 +19,7 @@ def worst_case_table(records: list[dict], heatmap: list[dict]) -> str:
     """Markdown table: per row of ``records`` (the autodiff runs), the heatmap's worst attack and its mean
     accuracy over seeds (from ``heatmap``, the eight-attack heatmap's records), the autodiff mean, and the
     worst case over all nine attacks. A row the heatmap lacks gets dashes."""
+
     def means(recs):
         vals: dict[tuple[str, str], list[float]] = {}
         for r in recs:

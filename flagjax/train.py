@@ -147,7 +147,10 @@ class TrainConfig:
 
     def validate(self) -> None:
         """Raise :class:`ConfigError` naming the first invalid field (every run of a batch is checked)."""
-        for name, what in (("sketch", "the sketch width sets shapes"), ("warm_start", "it sets the rule state's structure")):
+        for name, what in (
+            ("sketch", "the sketch width sets shapes"),
+            ("warm_start", "it sets the rule state's structure"),
+        ):
             if isinstance(self.rule_hparams.get(name), Values):
                 raise ConfigError(
                     f"invalid rule_hparams.{name}={list(self.rule_hparams[name])!r}: must be one int: {what}, so "

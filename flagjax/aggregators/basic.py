@@ -157,7 +157,17 @@ def flag_with_info(
     # one compiled program per (shape, dtype, r, max_iters, output, solver options): eager callers
     # (notebooks, tests, flagjax.aggregate) otherwise compile every small op of the IRLS loop anew
     return _flag_with_info_jit(
-        jnp.asarray(stack), lam, tol, eps, seed, start, r=r, max_iters=max_iters, output=output, opts=opts, sketch=sketch
+        jnp.asarray(stack),
+        lam,
+        tol,
+        eps,
+        seed,
+        start,
+        r=r,
+        max_iters=max_iters,
+        output=output,
+        opts=opts,
+        sketch=sketch,
     )
 
 
@@ -272,9 +282,7 @@ def _flag_update(stack, state, *, f: int = 0, key=None, **hparams):
     return agg, state, {"ratios": fi.ratios, "status": fi.status}
 
 
-register(
-    Rule("flag", flag, sanitize=False, gram=flag_gram, sketchable=True, init=_flag_init, update=_flag_update)
-)
+register(Rule("flag", flag, sanitize=False, gram=flag_gram, sketchable=True, init=_flag_init, update=_flag_update))
 
 
 # ---------------------------------------------------------------------------------- normalized_mean
