@@ -152,8 +152,6 @@ def flag_with_info(
     opts = solver.solver_options(method, inner_iters, warm_start or start_iters, lam)
     sketch = sketching.check_sketch(sketch)
     seed = sketching.resolve_seed(sketch_seed, key) if sketch else jnp.uint32(0)
-    if warm_start and start is None:
-        start = jnp.zeros((p, r), solver._work_dtype(jnp.asarray(stack).dtype))
     # one compiled program per (shape, dtype, r, max_iters, output, solver options): eager callers
     # (notebooks, tests, flagjax.aggregate) otherwise compile every small op of the IRLS loop anew
     return _flag_with_info_jit(
@@ -275,10 +273,10 @@ def _flag_init(example, *, warm_start: int = 0, r: int | None = None, **hparams)
 def _flag_update(stack, state, *, f: int = 0, key=None, **hparams):
     """One round of FA; with a :class:`FlagState` it starts from the state's basis and returns this
     round's. Info: the workers' reconstruction ratios and the solver status."""
-    if isinstance(state, FlagState):
-        agg, fi = flag_with_info(stack, f=f, key=key, start=state.basis, **hparams)
-        return agg, FlagState(fi.basis.astype(state.basis.dtype)), {"ratios": fi.ratios, "status": fi.status}
-    agg, fi = flag_with_info(stack, f=f, key=key, **hparams)
+    warm = isinstance(state, FlagState)
+    agg, fi = flag_with_info(stack, f=f, key=key, start=state.basis if warm else None, **hparams)
+    if warm:
+        state = FlagState(fi.basis.astype(state.basis.dtype))
     return agg, state, {"ratios": fi.ratios, "status": fi.status}
 
 
