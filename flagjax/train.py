@@ -32,7 +32,7 @@ from jax import lax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from flagjax import data, models, parallel
+from flagjax import aggregators, attacks, data, models, parallel
 
 __all__ = [
     "BATCHABLE",
@@ -74,7 +74,8 @@ class Values(tuple):
 
 # Fields that may take several values in one program (they change no shape or structure). Rule and
 # attack hyperparameters may too, as long as the rule/attack uses them as traced numbers (lam, eps,
-# tau, an attack's z / eps / factor); a structural one (FA's r, max_iters) is refused by name.
+# tau, an attack's z / eps / factor); a structural one (FA's r, max_iters: the rule record's
+# ``static_hparams``) is refused.
 BATCHABLE = ("seed", "lr", "momentum", "weight_decay", "lr_decay")
 _HPARAM_FIELDS = ("rule_hparams", "attack_hparams")
 
@@ -147,14 +148,14 @@ class TrainConfig:
 
     def validate(self) -> None:
         """Raise :class:`ConfigError` naming the first invalid field (every run of a batch is checked)."""
-        for name, what in (
-            ("sketch", "the sketch width sets shapes"),
-            ("warm_start", "it sets the rule state's structure"),
-        ):
-            if isinstance(self.rule_hparams.get(name), Values):
+        rule = aggregators.parse_spec(self.rule)[0]
+        static = aggregators.get(rule).static_hparams if rule in aggregators.names() else ()
+        for name, value in self.rule_hparams.items():
+            if isinstance(value, Values) and name in static:
                 raise ConfigError(
-                    f"invalid rule_hparams.{name}={list(self.rule_hparams[name])!r}: must be one int: {what}, so "
-                    "several values are several programs (run them separately)"
+                    f"invalid rule_hparams.{name}={list(value)!r}: must be one value: {name} sets the structure of "
+                    f"{rule}'s program (its Rule.static_hparams), so several values are several programs (run "
+                    "them separately)"
                 )
         for _, run in expand(self):
             run._validate_one()
@@ -164,8 +165,6 @@ class TrainConfig:
             raise ConfigError(f"invalid runs_vectorized={self.runs_vectorized!r}: must be >= 0 (0 = all runs)")
 
     def _validate_one(self) -> None:
-        from flagjax import aggregators, attacks
-
         def bad(field, value, allowed):
             raise ConfigError(f"invalid {field}={value!r}: {allowed}")
 

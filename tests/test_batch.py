@@ -102,7 +102,10 @@ def test_a_batch_resumes_exactly(tmp_path):
     [
         (["num_workers=8,10"], "invalid num_workers=[8, 10]: only seed, lr"),
         (["seed=1,1"], "invalid seed=[1, 1]: repeated values"),
-        (["rule_hparams.r=2,3"], "invalid rule_hparams.r: a hyperparameter in this list shapes the compiled program"),
+        # declared structural (Rule.static_hparams): refused before anything is built
+        (["rule_hparams.r=2,3"], "invalid rule_hparams.r=[2, 3]: must be one value: r sets the structure of flag's"),
+        (["rule_hparams.max_iters=5,10"], "invalid rule_hparams.max_iters=[5, 10]: must be one value"),
+        (["rule=centered_clipping", "rule_hparams.iters=1,2"], "invalid rule_hparams.iters=[1, 2]: must be one value"),
     ],
 )
 def test_bad_batch_axes_name_the_field(tmp_path, overrides, msg):
@@ -169,3 +172,23 @@ def test_runs_one_after_the_other_in_a_program_equal_vectorized_runs(tmp_path):
         )
         for a, b in zip(ref, got, strict=True):
             _assert_same_run(a, b, atol=1e-6)
+
+
+def test_static_hparams_are_real_keyword_parameters():
+    """Every name a rule declares structural (``Rule.static_hparams``, what the config refuses to batch)
+    is a keyword parameter of the rule (of its ``*_with_info`` form where the rule passes **kwargs on)."""
+    import inspect
+    import sys
+
+    from flagjax import aggregators
+
+    for name in aggregators.names():
+        rule = aggregators.get(name)
+        params = inspect.signature(rule.fn).parameters
+        if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+            module = sys.modules[rule.fn.__module__]
+            params = inspect.signature(getattr(module, f"{name}_with_info")).parameters
+        missing = set(rule.static_hparams) - set(params)
+        assert not missing, f"{name}: static_hparams {sorted(missing)} are not parameters"
+    assert {"r", "max_iters", "warm_start", "sketch"} <= set(aggregators.get("flag").static_hparams)
+    assert "lam" not in aggregators.get("flag").static_hparams  # traced: a batch axis

@@ -280,7 +280,18 @@ def _flag_update(stack, state, *, f: int = 0, key=None, **hparams):
     return agg, state, {"ratios": fi.ratios, "status": fi.status}
 
 
-register(Rule("flag", flag, sanitize=False, gram=flag_gram, sketchable=True, init=_flag_init, update=_flag_update))
+register(
+    Rule(
+        "flag",
+        flag,
+        sanitize=False,
+        gram=flag_gram,
+        sketchable=True,
+        init=_flag_init,
+        update=_flag_update,
+        static_hparams=("r", "max_iters", "output", "method", "inner_iters", "start_iters", "warm_start"),
+    )
+)
 
 
 # ---------------------------------------------------------------------------------- normalized_mean
@@ -331,4 +342,6 @@ def normalized_mean_gram(raw: jax.Array, ok: jax.Array, *, f: int = 0, key=None,
     return normalized_mean_weights(norms, output=output, r=r), {}
 
 
-register(Rule("normalized_mean", normalized_mean, sanitize=False, gram=normalized_mean_gram))
+register(
+    Rule("normalized_mean", normalized_mean, sanitize=False, gram=normalized_mean_gram, static_hparams=("output", "r"))
+)

@@ -360,10 +360,31 @@ def monna(stack, *, f: int, key=None, idx: int = 0):
 
 _half = lambda p: (p - 1) // 2
 _krum_max = lambda p: max((p - 3) // 2, 0)
-register(Rule("krum", krum, _krum_max, "p >= 2f + 3", sanitize=False, sketchable=True))
-register(Rule("multi_krum", multi_krum, _krum_max, "p >= 2f + 3", sanitize=False, sketchable=True))
-register(Rule("bulyan", bulyan, lambda p: max((p - 3) // 4, 0), "p >= 4f + 3", sanitize=False, sketchable=True))
-register(Rule("geomed", geomed, _half, "p > 2f", sanitize=False, sketchable=True))
+_KRUM_STATIC = ("neighbours", "squared")
+register(Rule("krum", krum, _krum_max, "p >= 2f + 3", sanitize=False, sketchable=True, static_hparams=_KRUM_STATIC))
+register(
+    Rule(
+        "multi_krum",
+        multi_krum,
+        _krum_max,
+        "p >= 2f + 3",
+        sanitize=False,
+        sketchable=True,
+        static_hparams=("m", *_KRUM_STATIC),
+    )
+)
+register(
+    Rule(
+        "bulyan",
+        bulyan,
+        lambda p: max((p - 3) // 4, 0),
+        "p >= 4f + 3",
+        sanitize=False,
+        sketchable=True,
+        static_hparams=("squared",),
+    )
+)
+register(Rule("geomed", geomed, _half, "p > 2f", sanitize=False, sketchable=True, static_hparams=("max_iters", "init")))
 
 
 class CenterState(NamedTuple):
@@ -396,7 +417,16 @@ def _cc_update(stack, state, *, f, key, center=None, **hparams):
 
 
 register(
-    Rule("centered_clipping", centered_clipping, _half, "p > 2f", sanitize=False, init=_cc_init, update=_cc_update)
+    Rule(
+        "centered_clipping",
+        centered_clipping,
+        _half,
+        "p > 2f",
+        sanitize=False,
+        init=_cc_init,
+        update=_cc_update,
+        static_hparams=("center", "iters"),
+    )
 )
-register(Rule("mda", mda, _half, "p > 2f", sanitize=False, sketchable=True))
-register(Rule("monna", monna, _half, "p > 2f", sanitize=False))
+register(Rule("mda", mda, _half, "p > 2f", sanitize=False, sketchable=True, static_hparams=("max_subsets",)))
+register(Rule("monna", monna, _half, "p > 2f", sanitize=False, static_hparams=("idx",)))

@@ -81,6 +81,10 @@ class Rule:
       init: ``init(example, **hp) -> state``, the rule's state before the first round (optax-style;
         ``example`` a (p, d) array or ``jax.ShapeDtypeStruct`` shaped like the stack the rule will see,
         after any pre-aggregators). Default: ``()`` (stateless).
+      static_hparams: the hyperparameters that set the program's structure (shapes, trip counts,
+        branches, the state's layout), which must be Python values and so cannot take several values in
+        one batched program (the training config refuses ``Values`` for them by name); every other
+        hyperparameter is used as a traced number. ``sketch`` is static for every ``sketchable`` rule.
       update: ``update(stack, state, *, f, key, **hp) -> (aggregate (d,), state, info dict)``, one round.
         Default: ``(fn(stack, ...), state, {})``. A stateful rule (centered clipping centred on its
         previous aggregate) keeps what it carries from round to round here; the training step stores
@@ -101,8 +105,11 @@ class Rule:
     sketchable: bool = False
     init: Callable[..., Any] | None = None
     update: Callable[..., tuple[jax.Array, Any, dict]] | None = None
+    static_hparams: tuple[str, ...] = ()
 
     def __post_init__(self):
+        if self.sketchable and "sketch" not in self.static_hparams:
+            object.__setattr__(self, "static_hparams", (*self.static_hparams, "sketch"))
         if self.init is None:
             object.__setattr__(self, "init", _stateless_init)
         if self.update is None:

@@ -158,6 +158,6 @@ def signguard(stack, *, f: int = 0, key, low=0.1, high=3.0, coord_frac=0.1, band
 
 _half = lambda p: (p - 1) // 2
 register(Rule("caf", caf, _half, "p > 2f", sanitize=False, sketchable=True))
-register(Rule("smea", smea, _half, "p > 2f", sanitize=False, sketchable=True))
-register(Rule("dnc", dnc, _half, "p > 2f", needs_key=True))
-register(Rule("signguard", signguard, _half, "p > 2f", needs_key=True))
+register(Rule("smea", smea, _half, "p > 2f", sanitize=False, sketchable=True, static_hparams=("max_subsets",)))
+register(Rule("dnc", dnc, _half, "p > 2f", needs_key=True, static_hparams=("num_iters", "sub_dim", "c")))
+register(Rule("signguard", signguard, _half, "p > 2f", needs_key=True, static_hparams=("coord_frac", "shift_iters")))
