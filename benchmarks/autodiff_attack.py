@@ -23,7 +23,9 @@ from _timing import time_interleaved  # benchmarks/_timing.py
 
 from flagjax import data, train
 
-RULES = ("mean", "multi_krum", "flag")
+# the last three differentiate through the sorting network and NNM (their hand-written reverse-mode rules:
+# flagjax/aggregators/coordinatewise.py)
+RULES = ("mean", "multi_krum", "flag", "trimmed_mean", "nnm+trimmed_mean", "nnm+phocas")
 
 
 def main(argv=None):
