@@ -148,7 +148,8 @@ class TrainConfig:
 
     def validate(self) -> None:
         """Raise :class:`ConfigError` naming the first invalid field (every run of a batch is checked)."""
-        rule = aggregators.parse_spec(self.rule)[0]
+        # an unknown or batched rule is reported below (by _validate_one / batch_axes)
+        rule = aggregators.parse_spec(self.rule)[0] if isinstance(self.rule, str) else None
         static = aggregators.get(rule).static_hparams if rule in aggregators.names() else ()
         for name, value in self.rule_hparams.items():
             if isinstance(value, Values) and name in static:
