@@ -399,8 +399,9 @@ def _autodiff(
       honest mean): every iterate is projected back into that ball around the mean (a stealthy
       adversary whose rows are no farther out than an honest one).
 
-    Deterministic given ``key`` (which only reaches randomised rules); jit- and vmap-compatible. Rules with
-    a data-dependent loop (``caf``) cannot be reverse-differentiated: the attack raises there. FA is
+    Deterministic given ``key`` (which only reaches randomised rules); jit- and vmap-compatible. A rule with
+    a data-dependent loop (``lax.while_loop``; none of the registered ones) cannot be reverse-differentiated:
+    the attack raises there. FA is
     differentiated through its XLA loop (:func:`_autodiff_rule_hparams`).
     """
     import optax

@@ -19,6 +19,33 @@ from flagjax.aggregators.registry import Rule, register
 __all__ = ["caf", "smea", "dnc", "signguard"]
 
 
+@jax.custom_jvp
+def _top_eigpair(S: jax.Array):
+    """Largest eigenvalue and a unit eigenvector of a symmetric (p, p) S: ((), (p,)).
+
+    Its derivative (custom JVP) is first-order perturbation theory for the top pair alone:
+    d lam = u^T dS u, du = sum_{j: mu_j < lam} u_j (u_j^T dS u) / (lam - mu_j). ``jnp.linalg.eigh``'s own
+    rule divides by every pairwise eigen-gap, so repeated eigenvalues below the top (a zero-weighted
+    worker's zero row, as CAF makes them) turn the gradient into NaN although the top pair is smooth
+    there. Directions whose gap to the top is at rounding level (a tie at the top, where u is not a
+    function of S) get no derivative."""
+    ev, U = jnp.linalg.eigh(S)
+    return ev[-1], U[:, -1]
+
+
+@_top_eigpair.defjvp
+def _top_eigpair_jvp(primals, tangents):
+    (S,), (dS,) = primals, tangents
+    ev, U = jnp.linalg.eigh(S)
+    lam, u = ev[-1], U[:, -1]
+    hi = lax.Precision.HIGHEST
+    dSu = jnp.dot(dS, u, precision=hi)
+    gap = lam - ev
+    apart = gap > 16 * jnp.finfo(S.dtype).eps * jnp.maximum(jnp.abs(lam), jnp.finfo(S.dtype).tiny)
+    coef = jnp.where(apart, jnp.dot(U.T, dSu, precision=hi) / jnp.where(apart, gap, 1), 0)
+    return (lam, u), (jnp.dot(u, dSu, precision=hi), jnp.dot(U, coef, precision=hi))
+
+
 def _weighted_top_eig(K: jax.Array, c: jax.Array):
     """Top eigenpair of sum_i c_i z_i z_i^T / sum(c), z_i = g_i - mu_c, in Gram space.
 
@@ -29,11 +56,11 @@ def _weighted_top_eig(K: jax.Array, c: jax.Array):
     w = c / csum
     A = jnp.eye(p, dtype=K.dtype) - w[None, :]  # Z = G^T A^T: z_i = g_i - sum_j w_j g_j
     Kz = A @ K @ A.T  # Gram of the z_i
-    sc = jnp.sqrt(jnp.maximum(c, 0) / csum)
+    pos = c > 0  # sqrt's derivative is infinite at 0: a zero-weighted worker would make the gradient NaN
+    sc = jnp.where(pos, jnp.sqrt(jnp.where(pos, c, 1) / csum), 0)
     S = sc[:, None] * Kz * sc[None, :]
     S = (S + S.T) / 2
-    ev, U = jnp.linalg.eigh(S)
-    lam, u = ev[-1], U[:, -1]
+    lam, u = _top_eigpair(S)
     # v = sum_i sc_i u_i z_i / sqrt(lam); <z_j, v> = (Kz (sc * u))_j / sqrt(lam)
     t = Kz @ (sc * u) / jnp.sqrt(jnp.maximum(lam, jnp.finfo(K.dtype).tiny))
     return lam, t, w
@@ -41,21 +68,18 @@ def _weighted_top_eig(K: jax.Array, c: jax.Array):
 
 def caf(stack, *, f: int, key=None, sketch: int = 0, sketch_seed=None):
     """Covariance-aware filtering (CAF; Allouah et al., as in ByzFL): start with weights c = 1; while
-    sum(c) > p - 2f, take the top eigenvector v of the c-weighted covariance, score
-    tau_i = <g_i - mu_c, v>^2 and downweight c_i <- c_i (1 - tau_i / max tau). Returns the weighted
-    mean mu_c with the smallest top eigenvalue seen. Exact eigenvectors in Gram space (ByzFL uses one
-    power iteration). Requires p > 2f. ``sketch``/``sketch_seed``: a sketched Gram matrix
+    sum(c) > p - 2f (at most 2p rounds: a static trip count, so the rule is reverse-differentiable),
+    take the top eigenvector v of the c-weighted covariance, score tau_i = <g_i - mu_c, v>^2 and
+    downweight c_i <- c_i (1 - tau_i / max tau). Returns the weighted mean mu_c with the smallest top
+    eigenvalue seen. Exact eigenvectors in Gram space (ByzFL uses one power iteration). Requires
+    p > 2f. ``sketch``/``sketch_seed``: a sketched Gram matrix
     (:func:`flagjax.aggregators.distance.gram_and_valid`). (p, d) -> (d,)."""
     p = stack.shape[0]
     K, valid = gram_and_valid(stack, sketch=sketch, sketch_seed=sketch_seed, key=key)
     dtype = K.dtype
 
-    def cond(st):
-        c, _, _, i = st
-        return (jnp.sum(c) > p - 2 * f) & (i < 2 * p)
-
     def body(st):
-        c, best_val, best_w, i = st
+        c, best_val, best_w = st
         lam, t, w = _weighted_top_eig(K, c)
         better = lam < best_val
         best_val = jnp.where(better, lam, best_val)
@@ -63,11 +87,20 @@ def caf(stack, *, f: int, key=None, sketch: int = 0, sketch_seed=None):
         tau = t * t
         # clip: a fused x * (1 / max) can give 1 - tau/max = -1 ulp, and sqrt(c) would be NaN
         c = c * jnp.maximum(1 - tau / jnp.maximum(jnp.max(tau), jnp.finfo(dtype).tiny), 0)
-        return c, best_val, best_w, i + 1
+        return c, best_val, best_w
+
+    def step(_, st):
+        # at most 2p filtering rounds, while sum(c) > p - 2f: a static trip count (so the rule can be
+        # reverse-differentiated, and no predicate goes to an accelerator's host) whose later rounds leave
+        # the state as it is, the numbers of a loop that stops there. On CPU a cond skips those rounds'
+        # eigh; elsewhere they run and a select keeps the old state.
+        active = jnp.sum(st[0]) > p - 2 * f
+        skip = lambda s: lax.cond(active, body, lambda s: s, s)  # noqa: E731
+        freeze = lambda s: jax.tree.map(lambda old, nw: jnp.where(active, nw, old), s, body(s))  # noqa: E731
+        return lax.platform_dependent(st, cpu=skip, default=freeze)
 
     c0 = jnp.ones((p,), dtype)
-    st = (c0, jnp.asarray(jnp.inf, dtype), c0 / p, jnp.int32(0))
-    _, _, w, _ = lax.while_loop(cond, body, st)
+    _, _, w = lax.fori_loop(0, 2 * p, step, (c0, jnp.asarray(jnp.inf, dtype), c0 / p))
     return combine(w, stack, valid)
 
 
