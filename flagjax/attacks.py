@@ -18,8 +18,10 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from jax import lax
 
+from flagjax import aggregators
 from flagjax import sketch as sketching
 from flagjax.registry import Registry
 
@@ -234,8 +236,6 @@ def _objective(rule, rule_hparams, honest, objective, f, key):
     """byz (f, d) -> the damage to maximise: ||rule(honest + byz) - honest mean|| ("distance", what the
     line-search attacks maximise) or -cos(rule(...), honest mean) ("cosine": scale-free, for rules whose
     output is normalised). Non-finite damage counts as -inf (never chosen)."""
-    from flagjax import aggregators  # attacks sit beside aggregators; imported lazily
-
     m = _mean(honest)
     tiny = jnp.finfo(honest.dtype).tiny
 
@@ -353,8 +353,6 @@ def _autodiff_rule_hparams(rule: str, rule_hparams) -> dict:
     """The defence's hyperparameters for differentiating through it: FA's default solver picks a Pallas
     kernel on NVIDIA GPUs, which has no reverse-mode rule; the same loop written in XLA ops
     (``method="subspace_xla"``) is used instead (it is what the default runs on every other platform)."""
-    from flagjax import aggregators  # attacks sit beside aggregators; imported lazily, as _damage does
-
     hp = dict(rule_hparams or {})
     if aggregators.parse_spec(rule)[0] == "flag":
         hp.setdefault("method", "subspace_xla")
@@ -404,8 +402,6 @@ def _autodiff(
     the attack raises there. FA is
     differentiated through its XLA loop (:func:`_autodiff_rule_hparams`).
     """
-    import optax
-
     if objective not in _OBJECTIVES:
         raise ValueError(f"objective must be one of {_OBJECTIVES}; got {objective!r}")
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
