@@ -24,7 +24,12 @@ under these gradient attacks), so a flagjax worker walks a smaller shard; and ea
 split, initial weights and batches from the seed.
 
 Usage: python -m experiments.peer_byzfl [--quick] [--seeds N] [--steps N] [--attacks SF,ALIE] [--fs 3]
-       [--rows ...] [--cols ...]
+       [--gammas 1,0.5] [--rows ...] [--cols ...]
+
+``--gammas``: the data splits, 1 = iid (the default) and g < 1 ByzFL's gamma-similarity split
+(``gamma_similarity_niid``: a fraction g of the examples split iid, the rest sorted by label and cut into
+contiguous parts), over the honest clients only on both sides (flagjax: ``shard="gamma"``,
+``split_among="honest"``, so the Byzantine workers' shards take no labels away from the honest ones).
 """
 
 from __future__ import annotations
@@ -76,12 +81,21 @@ BYZFL_DEVICE = "ByzFL's runs: torch on the same CPU"
 HONEST = 10  # ByzFL's nb_honest_clients
 
 
-def setting(base: train.TrainConfig, row: str, attack: str, f: int) -> dict:
-    """Everything both sides need for one cell: flagjax config overrides and ByzFL's configuration."""
+def column(f: int, attack: str, gamma: float = 1.0) -> str:
+    """A setting's column label: "f=3 ALIE", and " gamma=0.5" after it for a non-iid split."""
+    return f"f={f} {attack}" + ("" if gamma == 1 else f" gamma={gamma:g}")
+
+
+def setting(base: train.TrainConfig, row: str, attack: str, f: int, gamma: float = 1.0) -> dict:
+    """Everything both sides need for one cell: flagjax config overrides and ByzFL's configuration.
+    ``gamma`` < 1: ByzFL's gamma-similarity split (``gamma_similarity_niid``) on both sides, over the honest
+    clients only (flagjax: ``shard="gamma"``, ``split_among="honest"``)."""
     p = HONEST + f
     rule, rule_hp, agg_info, pre = _rules(p, f)[row]
     atk, atk_hp, byz_name = ATTACKS[attack]
     hp = {"num_workers": p, "num_byzantine": f, "rule": rule, "attack": atk}
+    if gamma != 1:
+        hp.update(shard="gamma", gamma_similarity=float(gamma), split_among="honest")
     if rule_hp:
         hp["rule_hparams"] = dict(rule_hp)
     atk_hp = dict(atk_hp)
@@ -160,10 +174,12 @@ def byzfl_training(cfg: train.TrainConfig, spec: dict, ds: data.Dataset, *, mode
     full, test_loader = _torch_data(ds, cfg.eval_examples)
     n_train = int((1 - cfg.val_fraction) * len(full))
     train_ds, _ = random_split(full, [n_train, len(full) - n_train])
+    if cfg.shard not in ("iid", "gamma"):
+        raise ValueError(f"ByzFL's side runs shard='iid' or 'gamma' (its gamma_similarity_niid); got {cfg.shard!r}")
     loaders = fw.DataDistributor(
         {
-            "data_distribution_name": "iid",
-            "distribution_parameter": 1.0,
+            "data_distribution_name": "iid" if cfg.shard == "iid" else "gamma_similarity_niid",
+            "distribution_parameter": 1.0 if cfg.shard == "iid" else float(cfg.gamma_similarity),
             "nb_honest": cfg.num_workers - f,
             "data_loader": train_ds,
             "batch_size": cfg.batch_size,
@@ -327,6 +343,7 @@ def parse_args(argv=None):
     extra = argparse.ArgumentParser(add_help=False)
     extra.add_argument("--attacks", default="SF,ALIE,opt-IPM,opt-ALIE")
     extra.add_argument("--fs", default="1,3")
+    extra.add_argument("--gammas", default="1", help="data splits: 1 = iid, g < 1 = ByzFL's gamma-similarity")
     known, rest = extra.parse_known_args(sys.argv[1:] if argv is None else argv)
     args = common.parse_args("peer_byzfl", __doc__, rest)
     args.argv = list(sys.argv[1:] if argv is None else argv)
@@ -335,6 +352,10 @@ def parse_args(argv=None):
     if unknown:
         raise SystemExit(f"--attacks: unknown {unknown}; known: {list(ATTACKS)}")
     args.fs = [int(x) for x in known.fs.split(",") if x]
+    args.gammas = [float(x) for x in known.gammas.split(",") if x]
+    bad = [g for g in args.gammas if not 0 <= g <= 1]
+    if bad:
+        raise SystemExit(f"--gammas: each must be in [0, 1]; got {bad}")
     return args
 
 
@@ -343,8 +364,9 @@ def main(argv=None):
 
     args = parse_args(argv)
     base = base_config(args)
-    cols = [f"f={f} {a}" for f in args.fs for a in args.attacks]
-    specs = {(row, f"f={f} {a}"): setting(base, row, a, f) for row in ROWS for f in args.fs for a in args.attacks}
+    grid = [(f, a, g) for g in args.gammas for f in args.fs for a in args.attacks]
+    cols = [column(f, a, g) for f, a, g in grid]
+    specs = {(row, column(f, a, g)): setting(base, row, a, f, g) for row in ROWS for f, a, g in grid}
     cells = [common.Cell(row, col, specs[row, col]["flagjax"]) for row in ROWS for col in cols]
     fx = common.run_cells(args, cells, base, batch=False)  # one program per run: its step times are its own
     # ByzFL's side: the cells flagjax ran (after --rows/--cols/--quick), where ByzFL has the rule

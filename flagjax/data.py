@@ -22,6 +22,7 @@ __all__ = [
     "load_dataset",
     "synthetic_dataset",
     "shard_indices",
+    "SHARD_SCHEMES",
     "WorkerSampler",
     "lotka_volterra_map",
     "LV_LEVELS",
@@ -198,15 +199,28 @@ def synthetic_dataset(n_train: int = 6000, n_test: int = 1000, seed: int = 0) ->
     return Dataset("synthetic", *draw(n_train), *draw(n_test), 10)
 
 
+SHARD_SCHEMES = ("iid", "dirichlet", "gamma")
+
+
 def shard_indices(
-    labels: np.ndarray, num_workers: int, *, scheme: str = "iid", alpha: float = 1.0, seed: int = 0
+    labels: np.ndarray,
+    num_workers: int,
+    *,
+    scheme: str = "iid",
+    alpha: float = 1.0,
+    gamma: float = 1.0,
+    seed: int = 0,
 ) -> list[np.ndarray]:
-    """Split example indices among ``num_workers`` workers.
+    """Split example indices among ``num_workers`` workers: a list of sorted int index arrays.
 
     * ``"iid"``: a random permutation cut into equal parts.
     * ``"dirichlet"``: for every class, proportions q ~ Dirichlet(alpha * 1) over workers; the class's
       examples are cut by q (Hsu et al. 2019). Small alpha = skewed label mixes. Every worker is
       guaranteed at least one example.
+    * ``"gamma"``: gamma-similarity (ByzFL's ``gamma_similarity_niid``, after Karimireddy et al. 2022):
+      a random fraction ``gamma`` of the examples is split iid, the rest is sorted by label and cut
+      into contiguous parts (worker 0 gets the lowest labels), and worker k holds its part of both.
+      gamma = 1 is iid, gamma = 0 ByzFL's ``extreme_niid``.
     """
     rng = np.random.default_rng(seed)
     n = len(labels)
@@ -214,8 +228,17 @@ def shard_indices(
         raise ValueError(f"num_workers must be >= 1; got {num_workers}")
     if scheme == "iid":
         return [np.sort(s) for s in np.array_split(rng.permutation(n), num_workers)]
+    if scheme == "gamma":
+        if not 0 <= gamma <= 1:
+            raise ValueError(f"gamma must be in [0, 1]; got {gamma}")
+        perm = rng.permutation(n)
+        cut = int(n * gamma)
+        rest = perm[cut:]
+        rest = rest[np.lexsort((rest, np.asarray(labels)[rest]))]  # by label, then index (ByzFL's order)
+        iid, niid = np.array_split(perm[:cut], num_workers), np.array_split(rest, num_workers)
+        return [np.sort(np.concatenate([a, b])) for a, b in zip(iid, niid)]
     if scheme != "dirichlet":
-        raise ValueError(f"scheme must be 'iid' or 'dirichlet'; got {scheme!r}")
+        raise ValueError(f"scheme must be one of {SHARD_SCHEMES}; got {scheme!r}")
     if alpha <= 0:
         raise ValueError(f"alpha must be > 0; got {alpha}")
     parts: list[list[np.ndarray]] = [[] for _ in range(num_workers)]

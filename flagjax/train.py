@@ -54,6 +54,7 @@ __all__ = [
     "setup",
     "Setup",
     "step_config",
+    "worker_shards",
     "RunResult",
     "plot_accuracy",
 ]
@@ -84,9 +85,13 @@ _HPARAM_FIELDS = ("rule_hparams", "attack_hparams")
 class TrainConfig:
     """One training run. Every field can be overridden on the command line as ``field=value``.
 
-    Data: ``dataset`` ("fashion_mnist", "mnist", "tfds:<name>"), ``data_dir``, ``shard`` ("iid" or
-    "dirichlet") with ``dirichlet_alpha``, ``val_fraction`` (held out of the training set for
-    validation; test accuracy is always on the test split). Workers: ``num_workers`` p,
+    Data: ``dataset`` ("fashion_mnist", "mnist", "tfds:<name>"), ``data_dir``, ``shard`` ("iid",
+    "dirichlet" with ``dirichlet_alpha``, or ByzFL's gamma-similarity "gamma" with ``gamma_similarity``:
+    :func:`flagjax.data.shard_indices`), ``split_among`` ("all": the p workers share the split, the
+    default; "honest": the p - f honest workers share it, as ByzFL's clients do, and each Byzantine worker
+    draws an iid sample of an honest shard's size from the whole training set, which only data attacks
+    use), ``val_fraction`` (held out of the training set for validation; test accuracy is always on the
+    test split). Workers: ``num_workers`` p,
     ``num_byzantine`` f (the last f), ``attack`` (gradient attack or data attack "lotka_volterra",
     "noise", "label_flip", "none") with ``attack_hparams`` and ``aug_level`` (LV time t / noise sigma),
     ``worker_momentum`` (an EMA of each worker's gradients, sent instead of the gradient; it replaces
@@ -115,6 +120,8 @@ class TrainConfig:
     model: str = "cnn"
     shard: str = "iid"
     dirichlet_alpha: float = 1.0
+    gamma_similarity: float = 1.0
+    split_among: str = "all"
     val_fraction: float = 0.0
     num_workers: int = 15
     num_byzantine: int = 3
@@ -177,10 +184,14 @@ class TrainConfig:
             bad("model", self.model, f"allowed: {', '.join(sorted(models.MODELS))}")
         if not (self.dataset in ("fashion_mnist", "mnist", "synthetic") or self.dataset.startswith("tfds:")):
             bad("dataset", self.dataset, "allowed: fashion_mnist, mnist, synthetic, tfds:<name>")
-        if self.shard not in ("iid", "dirichlet"):
-            bad("shard", self.shard, "allowed: iid, dirichlet")
+        if self.shard not in data.SHARD_SCHEMES:
+            bad("shard", self.shard, f"allowed: {', '.join(data.SHARD_SCHEMES)}")
         if self.dirichlet_alpha <= 0:
             bad("dirichlet_alpha", self.dirichlet_alpha, "must be > 0")
+        if not 0 <= self.gamma_similarity <= 1:
+            bad("gamma_similarity", self.gamma_similarity, "must be in [0, 1]")
+        if self.split_among not in ("all", "honest"):
+            bad("split_among", self.split_among, "allowed: all, honest")
         if not 0 <= self.val_fraction < 1:
             bad("val_fraction", self.val_fraction, "must be in [0, 1)")
         if self.attack not in attacks.ATTACKS:
@@ -538,10 +549,25 @@ class RunData:
     steps_per_epoch: int
 
 
+def worker_shards(cfg: TrainConfig, labels: np.ndarray) -> list[np.ndarray]:
+    """The p workers' example indices into ``labels`` (the training labels after the validation split),
+    as ``cfg.shard`` and ``cfg.split_among`` set them (see :class:`TrainConfig`): a list of p sorted int
+    arrays, the Byzantine workers last. Deterministic in ``cfg.seed``."""
+    honest_only = cfg.split_among == "honest" and cfg.num_byzantine > 0
+    n_split = cfg.num_workers - cfg.num_byzantine if honest_only else cfg.num_workers
+    kw = dict(scheme=cfg.shard, alpha=cfg.dirichlet_alpha, gamma=cfg.gamma_similarity, seed=cfg.seed)
+    shards = data.shard_indices(labels, n_split, **kw)
+    if honest_only:  # the last f workers are Byzantine: iid draws of an honest shard's size
+        rng = np.random.default_rng([cfg.seed, 0xB7])
+        size = int(np.mean([len(s) for s in shards]))
+        shards += [np.sort(rng.choice(len(labels), size, replace=False)) for _ in range(cfg.num_byzantine)]
+    return shards
+
+
 def _run_data(cfg: TrainConfig, ds: data.Dataset) -> RunData:
     tr, val = _split_validation(len(ds.train_y), cfg.val_fraction, cfg.seed)
     labels = ds.train_y if tr is None else ds.train_y[tr]
-    shards = data.shard_indices(labels, cfg.num_workers, scheme=cfg.shard, alpha=cfg.dirichlet_alpha, seed=cfg.seed)
+    shards = worker_shards(cfg, labels)
     if tr is not None:
         shards = [tr[s] for s in shards]
     sampler = data.WorkerSampler(shards, cfg.batch_size, seed=cfg.seed)

@@ -96,6 +96,33 @@ def test_dirichlet_shard_statistics(alpha):
     assert abs(conc - expected) < 0.35 * expected + 0.02, (conc, expected)
 
 
+def test_gamma_shards_partition_and_follow_byzfl():
+    """gamma = 0: worker k holds the k-th contiguous part of the label-sorted examples (ByzFL's
+    extreme_niid); gamma = 1: an iid split; in between, a fraction gamma of each shard is iid."""
+    rng = np.random.default_rng(0)
+    labels = rng.permutation(np.repeat(np.arange(10), 100))
+    for gamma in (0.0, 0.33, 1.0):
+        shards = data.shard_indices(labels, 10, scheme="gamma", gamma=gamma, seed=1)
+        assert sorted(np.concatenate(shards).tolist()) == list(range(1000))
+        assert max(map(len, shards)) - min(map(len, shards)) <= 2
+    extreme = data.shard_indices(labels, 10, scheme="gamma", gamma=0.0, seed=1)
+    by_label = np.lexsort((np.arange(1000), labels))
+    for k, s in enumerate(extreme):
+        np.testing.assert_array_equal(s, np.sort(by_label[100 * k : 100 * (k + 1)]))
+        assert set(labels[s].tolist()) == {k}
+    # gamma = 0.33: 33 iid examples per worker, the other 67 a contiguous run of the label-sorted rest
+    # (about one label each: a run may straddle two labels, as the rest's label counts are random)
+    mixed = data.shard_indices(labels, 10, scheme="gamma", gamma=0.33, seed=1)
+    own = [np.mean(labels[s] == np.bincount(labels[s]).argmax()) for s in mixed]
+    assert 0.62 <= np.mean(own) <= 0.67 + 0.33 * 0.3 and min(own) >= 0.5, own
+    iid = data.shard_indices(labels, 10, scheme="gamma", gamma=1.0, seed=1)
+    assert max(np.bincount(labels[s], minlength=10).max() for s in iid) < 30
+    with pytest.raises(ValueError, match="gamma must be in"):
+        data.shard_indices(labels, 10, scheme="gamma", gamma=1.5)
+    with pytest.raises(ValueError, match="scheme must be one of"):
+        data.shard_indices(labels, 10, scheme="extreme")
+
+
 def test_sampler_deterministic_and_epochs():
     shards = [np.arange(0, 10), np.arange(10, 17)]
     s = data.WorkerSampler(shards, 4, seed=5)

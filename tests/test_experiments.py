@@ -19,7 +19,7 @@ SCRIPTS = [
     ("questions", []),
     ("lr_protocol", []),
     ("spot_check", []),
-    ("peer_byzfl", ["--attacks", "SF", "--fs", "1"]),
+    ("peer_byzfl", ["--attacks", "SF", "--fs", "1", "--gammas", "1,0.5"]),
     ("attack_strength", []),
     ("autodiff_heatmap", ["--rows", "mean", "attack_hparams.steps=2"]),
 ]

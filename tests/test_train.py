@@ -286,3 +286,26 @@ def test_cli_missing_data_says_how_to_get_it(capsys, tmp_path, monkeypatch):
     assert cli.main(["train", "steps=1", f"out_dir={tmp_path}/o"]) == 2
     err = capsys.readouterr().err
     assert "dataset-fashion-mnist" in err and "FLAGJAX_DATA_DIR" in err
+
+
+def test_worker_shards_split_among_the_honest_workers():
+    """``split_among="honest"``: the p - f honest workers (the first ones) share the split exactly as
+    data.shard_indices cuts it for p - f workers (ByzFL's clients), and each Byzantine worker holds an iid
+    sample of an honest shard's size; ``"all"`` (the default) cuts it for all p workers."""
+    labels = np.random.default_rng(0).permutation(np.repeat(np.arange(10), 100))
+    cfg = train.TrainConfig(num_workers=13, num_byzantine=3, shard="gamma", gamma_similarity=0.0, split_among="honest")
+    shards = train.worker_shards(cfg, labels)
+    assert len(shards) == 13
+    expect = data.shard_indices(labels, 10, scheme="gamma", gamma=0.0, seed=cfg.seed)
+    for got, want in zip(shards[:10], expect):
+        np.testing.assert_array_equal(got, want)
+    assert sorted(np.concatenate(shards[:10]).tolist()) == list(range(1000))  # every label reaches an honest worker
+    for s in shards[10:]:
+        assert len(s) == 100 and len(np.unique(s)) == 100 and s.max() < 1000
+    assert not np.array_equal(shards[10], shards[11])
+    everyone = train.worker_shards(dataclasses.replace(cfg, split_among="all"), labels)
+    for got, want in zip(everyone, data.shard_indices(labels, 13, scheme="gamma", gamma=0.0, seed=cfg.seed)):
+        np.testing.assert_array_equal(got, want)
+    for field, value in (("split_among", "byzantine"), ("gamma_similarity", 1.5), ("shard", "extreme")):
+        with pytest.raises(train.ConfigError, match=f"invalid {field}="):
+            dataclasses.replace(cfg, **{field: value}).validate()
