@@ -236,7 +236,7 @@ def shard_indices(
         rest = perm[cut:]
         rest = rest[np.lexsort((rest, np.asarray(labels)[rest]))]  # by label, then index (ByzFL's order)
         iid, niid = np.array_split(perm[:cut], num_workers), np.array_split(rest, num_workers)
-        return [np.sort(np.concatenate([a, b])) for a, b in zip(iid, niid)]
+        return [np.sort(np.concatenate([a, b])) for a, b in zip(iid, niid, strict=True)]
     if scheme != "dirichlet":
         raise ValueError(f"scheme must be one of {SHARD_SCHEMES}; got {scheme!r}")
     if alpha <= 0:

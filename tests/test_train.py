@@ -297,14 +297,15 @@ def test_worker_shards_split_among_the_honest_workers():
     shards = train.worker_shards(cfg, labels)
     assert len(shards) == 13
     expect = data.shard_indices(labels, 10, scheme="gamma", gamma=0.0, seed=cfg.seed)
-    for got, want in zip(shards[:10], expect):
+    for got, want in zip(shards[:10], expect, strict=True):
         np.testing.assert_array_equal(got, want)
     assert sorted(np.concatenate(shards[:10]).tolist()) == list(range(1000))  # every label reaches an honest worker
     for s in shards[10:]:
         assert len(s) == 100 and len(np.unique(s)) == 100 and s.max() < 1000
     assert not np.array_equal(shards[10], shards[11])
     everyone = train.worker_shards(dataclasses.replace(cfg, split_among="all"), labels)
-    for got, want in zip(everyone, data.shard_indices(labels, 13, scheme="gamma", gamma=0.0, seed=cfg.seed)):
+    expect = data.shard_indices(labels, 13, scheme="gamma", gamma=0.0, seed=cfg.seed)
+    for got, want in zip(everyone, expect, strict=True):
         np.testing.assert_array_equal(got, want)
     for field, value in (("split_among", "byzantine"), ("gamma_similarity", 1.5), ("shard", "extreme")):
         with pytest.raises(train.ConfigError, match=f"invalid {field}="):
