@@ -148,6 +148,16 @@ def _check_2f(p: int) -> int:
     return (p - 1) // 2
 
 
+def _middle(srt, p: int):
+    """The coordinate-wise median of p sorted values (a list of (d,) rows or a (p, d) array)."""
+    return srt[p // 2] if p % 2 else (srt[p // 2 - 1] + srt[p // 2]) / 2
+
+
+def _trimmed(srt, p: int, f: int):
+    """The mean of the sorted values f .. p - f - 1 (a list of (d,) rows or a (p, d) array)."""
+    return sum(srt[i] for i in range(f, p - f)) / (p - 2 * f)
+
+
 def median(stack: jax.Array, *, f: int = 0, key=None) -> jax.Array:
     """Coordinate-wise median (Yin et al., ICML 2018): out_k = median_i g_ik; (p, d) -> (d,).
 
@@ -155,10 +165,7 @@ def median(stack: jax.Array, *, f: int = 0, key=None) -> jax.Array:
     """
     del f, key
     rows = sorted_rows(stack)
-    p = len(rows)
-    if p % 2:
-        return rows[p // 2]
-    return (rows[p // 2 - 1] + rows[p // 2]) / 2
+    return _middle(rows, len(rows))
 
 
 def trimmed_mean(stack: jax.Array, *, f: int, key=None) -> jax.Array:
@@ -166,8 +173,7 @@ def trimmed_mean(stack: jax.Array, *, f: int, key=None) -> jax.Array:
     smallest values and average the p - 2f others; requires p > 2f. (p, d) -> (d,)."""
     del key
     rows = sorted_rows(stack)
-    p = len(rows)
-    return sum(rows[f : p - f]) / (p - 2 * f)
+    return _trimmed(rows, len(rows), f)
 
 
 def _index_dtype(p: int):
@@ -236,8 +242,7 @@ def meamed(stack: jax.Array, *, f: int, key=None) -> jax.Array:
     del key
     srt = _sorted(stack)
     p = srt.shape[0]
-    med = srt[p // 2] if p % 2 else (srt[p // 2 - 1] + srt[p // 2]) / 2
-    return closest_window_mean(srt, med, p - f)
+    return closest_window_mean(srt, _middle(srt, p), p - f)
 
 
 def phocas(stack: jax.Array, *, f: int, key=None) -> jax.Array:
@@ -246,8 +251,7 @@ def phocas(stack: jax.Array, *, f: int, key=None) -> jax.Array:
     del key
     srt = _sorted(stack)
     p = srt.shape[0]
-    tm = sum(srt[i] for i in range(f, p - f)) / (p - 2 * f)
-    return closest_window_mean(srt, tm, p - f)
+    return closest_window_mean(srt, _trimmed(srt, p, f), p - f)
 
 
 _HALF = "p > 2f"
