@@ -34,6 +34,8 @@ RULES = (
     "multi_krum",
     "bulyan",
     "nnm+multi_krum",
+    "caf",
+    "dnc",
 )
 SELECTION = ("krum", "multi_krum", "bulyan", "nnm+multi_krum")
 F = 3
