@@ -238,8 +238,26 @@ def batch_seeds(args) -> bool:
     return choice == "on" or (choice == "auto" and jax.default_backend() != "cpu")
 
 
+def _stale(row: dict, overrides: dict) -> bool:
+    """Whether a stored run was trained with other values of the cell's own ``overrides`` than the cell has
+    now (its ``meta.config`` records them): such a run belongs to another experiment and is trained again.
+    Runs stored without a config, fields the stored config lacks and batch axes (:class:`train.Values`) are
+    not compared."""
+    cfg = row.get("meta", {}).get("config")
+    if not cfg:
+        return False
+
+    def norm(v):
+        return json.loads(json.dumps(v, default=list))
+
+    return any(
+        k in cfg and not isinstance(v, train.Values) and norm(cfg[k]) != norm(v) for k, v in overrides.items()
+    )
+
+
 def run_cells(args, cells: Sequence[Cell], base: train.TrainConfig, *, progress=True, batch=None) -> list[dict]:
-    """Run every cell for seeds 0..N-1 (runs already in the store are read back); return one record per run.
+    """Run every cell for seeds 0..N-1 (runs already in the store are read back, unless they were trained with
+    other values of the cell's overrides: :func:`_stale`); return one record per run.
 
     With ``batch`` (default: :func:`batch_seeds`) a cell's missing seeds train as one program; ``batch=False`` trains
     them one program each (for scripts that report wall time or time per step: the runs of a batch share
@@ -259,7 +277,7 @@ def run_cells(args, cells: Sequence[Cell], base: train.TrainConfig, *, progress=
     for cell in bar:
         bar.set_postfix_str(f"{cell.row} | {cell.col}")
         ids = {seed: _slug(f"{cell.row}__{cell.col}__s{seed}") for seed in range(args.seeds)}
-        missing = [seed for seed, run_id in ids.items() if run_id not in runs]
+        missing = [s for s, run_id in ids.items() if run_id not in runs or _stale(runs.get(run_id), cell.overrides)]
         _refuse_training_if_read_only(runs.path, [ids[s] for s in missing])
         cfg = train.apply_overrides(base, [])
         for k, v in cell.overrides.items():

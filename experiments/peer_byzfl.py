@@ -10,9 +10,13 @@ momentum, client-side momentum 0.9 (each honest client sends m <- 0.9 m + 0.1 g:
 training (ByzFL's ``size_train_set``; flagjax: ``val_fraction=0.2``), iid split. Data: real
 Fashion-MNIST from the Debian IDX files, pixels in [0, 1] on both sides (ByzFL feeds it as a torch
 ``TensorDataset``: nothing is downloaded, so ByzFL's random horizontal flips of Fashion-MNIST are not
-applied; neither side augments). Attacks are ByzFL's SignFlipping, ALittleIsEnough (tau 1.5), and its
-optimal IPM / ALIE, which search the attack's factor against the defence (flagjax's optimal attacks search
-a fixed grid of 32 factors, ByzFL's an expansion-contraction line search of 20 evaluations). Rules are
+applied; neither side augments). Attacks are ByzFL's SignFlipping, ALittleIsEnough (tau 1.5: mu + 1.5 sigma
+with the sample deviation, flagjax's ``alie`` with ``z=-1.5, ddof=1``; flagjax's default, mu - z sigma with
+the population deviation, pushes the other way: tests/test_byzfl_parity.py), and its optimal IPM / ALIE,
+which search the attack's factor against the defence (flagjax's optimal attacks search a fixed grid of 32
+factors, ByzFL's an expansion-contraction line search of 20 evaluations; flagjax's ``optimal_alie`` searches
+mu - t sigma, t >= 0, ByzFL's mu + t sigma from t = 0 upwards: not the same direction, so the opt-ALIE
+column compares two different attacks). Rules are
 ByzFL's, with f given to each as its benchmark does; centered clipping is ByzFL's default (tau 100, one
 iteration, centred on the previous aggregate: ByzFL's server keeps one aggregator object whose centre
 ``m`` is its last output); Multi-Krum uses ByzFL's n - f - 1 neighbours. flagjax adds FA and
@@ -50,7 +54,7 @@ from flagjax.peers import byzfl_module
 # the defence (flagjax: attack_hparams.rule/rule_hparams; ByzFL: aggregator_info/pre_agg_list).
 ATTACKS = {
     "SF": ("signflip", {}, "SignFlipping"),
-    "ALIE": ("alie", {"z": 1.5}, "ALittleIsEnough"),
+    "ALIE": ("alie", {"z": -1.5, "ddof": 1}, "ALittleIsEnough"),  # ByzFL: mu + 1.5 sigma, sample sigma
     "opt-IPM": ("optimal_ipm", {}, "Optimal_InnerProductManipulation"),
     "opt-ALIE": ("optimal_alie", {}, "Optimal_ALittleIsEnough"),
 }

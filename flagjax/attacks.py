@@ -197,14 +197,21 @@ def _std(honest):
     return m, jnp.sqrt(jnp.maximum(_mean(honest * honest) - m * m, 0))
 
 
-def _alie(honest, *, f, key, offset=0, z=None):
+def _alie(honest, *, f, key, offset=0, z=None, ddof=0):
     """A little is enough (Baruch, Baruch, Goldberg, NeurIPS 2019): every Byzantine row is
-    mu - z * sigma (coordinate-wise mean and standard deviation of the honest rows), with z from the
-    normal quantile for p = h + f workers (see :func:`alie_z`) unless given."""
+    mu - z * sigma (coordinate-wise mean and standard deviation of the h honest rows), with z from the
+    normal quantile for p = h + f workers (see :func:`alie_z`) unless given. ``ddof``: sigma's delta
+    degrees of freedom, 0 (default: the population deviation) or 1 (the sample deviation). ByzFL's
+    ``ALittleIsEnough(tau)`` sends mu + tau * sigma with ddof 1, i.e. ``z=-tau, ddof=1`` here: in the
+    other direction (tests/test_byzfl_parity.py)."""
     del key, offset
     h = honest.shape[0]
+    if isinstance(ddof, bool) or not isinstance(ddof, int) or not 0 <= ddof < max(h, 1):
+        raise ValueError(f"ddof must be an int in [0, h) for h = {h} honest rows; got {ddof!r}")
     z = alie_z(h + f, f) if z is None else z
     m, sd = _std(honest)
+    if ddof:
+        sd = sd * math.sqrt(h / (h - ddof))
     return jnp.broadcast_to(m - z * sd, (f, honest.shape[1]))
 
 

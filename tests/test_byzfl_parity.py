@@ -93,3 +93,28 @@ def test_composition_parity(x64):
     ours = flagjax.aggregate("nnm+trimmed_mean", jnp.asarray(g), f=3)
     ref = agg.TrMean(f=3)(pre.NNM(f=3)(g.copy()))
     np.testing.assert_allclose(np.asarray(ours), ref, rtol=1e-9)
+
+
+def test_attack_parity(x64):
+    """The attacks the head-to-head with ByzFL's training loop uses (experiments/peer_byzfl.py), with ByzFL's
+    conventions spelt in flagjax's hyperparameters: SignFlipping = signflip, InnerProductManipulation(tau) =
+    ipm(eps=tau), ALittleIsEnough(tau) = alie(z=-tau, ddof=1) (ByzFL adds tau sample deviations)."""
+    atk = byzfl_module("attacks")
+    honest = _stack(10, 50, seed=3)[:10]
+    f = 3
+
+    def ours(name, **hp):
+        rows = np.asarray(flagjax.attacks.attack(name, jnp.asarray(honest), f=f, key=jax.random.key(0), **hp))
+        assert rows.shape == (f, honest.shape[1]) and np.all(rows == rows[:1])
+        return rows[0]
+
+    np.testing.assert_allclose(ours("signflip"), atk.SignFlipping()(honest.copy()), rtol=1e-12)
+    np.testing.assert_allclose(ours("ipm", eps=0.5), atk.InnerProductManipulation(tau=0.5)(honest.copy()), rtol=1e-12)
+    theirs = atk.ALittleIsEnough(tau=1.5)(honest.copy())
+    np.testing.assert_allclose(ours("alie", z=-1.5, ddof=1), theirs, rtol=1e-10)
+    # flagjax's default direction and deviation: mu - z sigma with the population sigma
+    m, sd0 = honest.mean(0), honest.std(0)
+    np.testing.assert_allclose(ours("alie", z=1.5), m - 1.5 * sd0, rtol=1e-10)
+    assert np.abs(ours("alie", z=1.5) - theirs).max() > 1.0  # the two conventions are not the same attack
+    with pytest.raises(ValueError, match="ddof must be an int in"):
+        ours("alie", z=1.5, ddof=10)

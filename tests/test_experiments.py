@@ -174,3 +174,20 @@ def test_autodiff_worst_case_table():
     assert lines[2] == "| a | 0.600 | alie | 0.500 | 0.500 | -0.100 |"
     assert lines[3] == "| b | 0.300 | ipm | 0.900 | 0.300 | +0.000 |"
     assert lines[4] == "| c | — | — | 0.200 | — | — |"
+
+
+def test_a_stored_run_trained_with_other_overrides_is_trained_again(tmp_path):
+    """Run ids name the cell, not its hyperparameters: a run stored under the same id but trained with other
+    values of the cell's overrides (e.g. an attack's convention changed) is not reused, it is trained again."""
+    from experiments import common
+
+    args = common.parse_args("stale", "", ["--quick", "--seeds", "1", "--out", str(tmp_path), "steps=2", "eval_every=2"])
+    base = common.base_config(args)
+
+    def stored_z(z):
+        cell = common.Cell("alie", "f=3", {"rule": "median", "attack": "alie", "attack_hparams": {"z": z}})
+        common.run_cells(args, [cell], base, progress=False)
+        return common.store(args).get("alie__f_3__s0")["meta"]["config"]["attack_hparams"]["z"]
+
+    assert stored_z(1.5) == 1.5
+    assert stored_z(-1.5) == -1.5  # retrained, not read back
