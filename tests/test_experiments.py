@@ -181,7 +181,8 @@ def test_a_stored_run_trained_with_other_overrides_is_trained_again(tmp_path):
     values of the cell's overrides (e.g. an attack's convention changed) is not reused, it is trained again."""
     from experiments import common
 
-    args = common.parse_args("stale", "", ["--quick", "--seeds", "1", "--out", str(tmp_path), "steps=2", "eval_every=2"])
+    argv = ["--quick", "--seeds", "1", "--out", str(tmp_path), "steps=2", "eval_every=2"]
+    args = common.parse_args("stale", "", argv)
     base = common.base_config(args)
 
     def stored_z(z):
