@@ -250,9 +250,7 @@ def _stale(row: dict, overrides: dict) -> bool:
     def norm(v):
         return json.loads(json.dumps(v, default=list))
 
-    return any(
-        k in cfg and not isinstance(v, train.Values) and norm(cfg[k]) != norm(v) for k, v in overrides.items()
-    )
+    return any(k in cfg and not isinstance(v, train.Values) and norm(cfg[k]) != norm(v) for k, v in overrides.items())
 
 
 def run_cells(args, cells: Sequence[Cell], base: train.TrainConfig, *, progress=True, batch=None) -> list[dict]:
