@@ -14,9 +14,9 @@ applied; neither side augments). Attacks are ByzFL's SignFlipping, ALittleIsEnou
 with the sample deviation, flagjax's ``alie`` with ``z=-1.5, ddof=1``; flagjax's default, mu - z sigma with
 the population deviation, pushes the other way: tests/test_byzfl_parity.py), and its optimal IPM / ALIE,
 which search the attack's factor against the defence (flagjax's optimal attacks search a fixed grid of 32
-factors, ByzFL's an expansion-contraction line search of 20 evaluations; flagjax's ``optimal_alie`` searches
-mu - t sigma, t >= 0, ByzFL's mu + t sigma from t = 0 upwards: not the same direction, so the opt-ALIE
-column compares two different attacks). Rules are
+factors, ByzFL's an expansion-contraction line search of 20 evaluations; both search t >= 0: IPM sends
+-t mu, ALIE mu + t sigma with the sample deviation, flagjax's ``optimal_alie`` with ``direction=1, ddof=1``,
+whose default, mu - t sigma with the population deviation, pushes the other way). Rules are
 ByzFL's, with f given to each as its benchmark does; centered clipping is ByzFL's default (tau 100, one
 iteration, centred on the previous aggregate: ByzFL's server keeps one aggregator object whose centre
 ``m`` is its last output); Multi-Krum uses ByzFL's n - f - 1 neighbours. flagjax adds FA and
@@ -56,7 +56,7 @@ ATTACKS = {
     "SF": ("signflip", {}, "SignFlipping"),
     "ALIE": ("alie", {"z": -1.5, "ddof": 1}, "ALittleIsEnough"),  # ByzFL: mu + 1.5 sigma, sample sigma
     "opt-IPM": ("optimal_ipm", {}, "Optimal_InnerProductManipulation"),
-    "opt-ALIE": ("optimal_alie", {}, "Optimal_ALittleIsEnough"),
+    "opt-ALIE": ("optimal_alie", {"direction": 1, "ddof": 1}, "Optimal_ALittleIsEnough"),  # mu + t sigma
 }
 
 

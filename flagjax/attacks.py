@@ -197,6 +197,20 @@ def _std(honest):
     return m, jnp.sqrt(jnp.maximum(_mean(honest * honest) - m * m, 0))
 
 
+def _check_ddof(ddof, h: int) -> None:
+    if isinstance(ddof, bool) or not isinstance(ddof, int) or not 0 <= ddof < max(h, 1):
+        raise ValueError(f"ddof must be an int in [0, h) for h = {h} honest rows; got {ddof!r}")
+
+
+def _mean_std(honest, ddof: int):
+    """Coordinate-wise mean and standard deviation of the (h, d) honest rows, sigma with ``ddof`` delta
+    degrees of freedom (0: the population deviation, 1: the sample deviation)."""
+    h = honest.shape[0]
+    _check_ddof(ddof, h)
+    m, sd = _std(honest)
+    return m, (sd * math.sqrt(h / (h - ddof)) if ddof else sd)
+
+
 def _alie(honest, *, f, key, offset=0, z=None, ddof=0):
     """A little is enough (Baruch, Baruch, Goldberg, NeurIPS 2019): every Byzantine row is
     mu - z * sigma (coordinate-wise mean and standard deviation of the h honest rows), with z from the
@@ -206,12 +220,8 @@ def _alie(honest, *, f, key, offset=0, z=None, ddof=0):
     other direction (tests/test_byzfl_parity.py)."""
     del key, offset
     h = honest.shape[0]
-    if isinstance(ddof, bool) or not isinstance(ddof, int) or not 0 <= ddof < max(h, 1):
-        raise ValueError(f"ddof must be an int in [0, h) for h = {h} honest rows; got {ddof!r}")
+    m, sd = _mean_std(honest, ddof)
     z = alie_z(h + f, f) if z is None else z
-    m, sd = _std(honest)
-    if ddof:
-        sd = sd * math.sqrt(h / (h - ddof))
     return jnp.broadcast_to(m - z * sd, (f, honest.shape[1]))
 
 
@@ -273,15 +283,21 @@ def _line_search(make_row, honest, f, key, rule, rule_hparams, factors):
 _DEFAULT_FACTORS = tuple(float(x) for x in np.concatenate([[0.0], np.geomspace(0.05, 100.0, 31)]))
 
 
-def _optimal_alie(honest, *, f, key, rule="mean", rule_hparams=None, factors=_DEFAULT_FACTORS):
-    """ALIE with the factor z chosen to maximise ||rule(stack) - honest mean|| over ``factors``
-    (a vectorised line search, like ByzFL's Optimal_ALittleIsEnough). ``rule`` is the defence's
-    name (composed specs such as "nnm+krum" work) and ``rule_hparams`` its hyperparameters."""
+def _optimal_alie(honest, *, f, key, rule="mean", rule_hparams=None, factors=_DEFAULT_FACTORS, direction=-1, ddof=0):
+    """ALIE with its factor chosen to maximise ||rule(stack) - honest mean|| over ``factors`` t >= 0 (a
+    vectorised line search, like ByzFL's Optimal_ALittleIsEnough): every Byzantine row is
+    mu + direction * t * sigma. ``direction`` -1 (default: mu - t sigma, as :func:`_alie` with z = t) or
+    +1; ``ddof`` as for ``alie``. ByzFL's attack searches mu + tau sigma, tau >= 0, with the sample
+    deviation: ``direction=1, ddof=1`` here (tests/test_byzfl_parity.py). ``rule`` is the defence's name
+    (composed specs such as "nnm+krum" work) and ``rule_hparams`` its hyperparameters."""
+    if direction not in (-1, 1) or isinstance(direction, bool):
+        raise ValueError(f"direction must be -1 (mu - t sigma) or 1 (mu + t sigma); got {direction!r}")
     if f == 0:
         return jnp.zeros((0, honest.shape[1]), honest.dtype)
-    m, sd = _std(honest)
-    z = _line_search(lambda t: m - t * sd, honest, f, key, rule, rule_hparams, factors)
-    return jnp.broadcast_to(m - z * sd, (f, honest.shape[1]))
+    m, sd = _mean_std(honest, ddof)
+    sd = direction * sd
+    z = _line_search(lambda t: m + t * sd, honest, f, key, rule, rule_hparams, factors)
+    return jnp.broadcast_to(m + z * sd, (f, honest.shape[1]))
 
 
 def _optimal_ipm(honest, *, f, key, rule="mean", rule_hparams=None, factors=_DEFAULT_FACTORS):

@@ -118,3 +118,38 @@ def test_attack_parity(x64):
     assert np.abs(ours("alie", z=1.5) - theirs).max() > 1.0  # the two conventions are not the same attack
     with pytest.raises(ValueError, match="ddof must be an int in"):
         ours("alie", z=1.5, ddof=10)
+
+
+def test_optimal_alie_searches_byzfl_direction(x64):
+    """ByzFL's Optimal_ALittleIsEnough sends mu + tau sigma (sample sigma) with tau >= 0 from its line search;
+    flagjax's optimal_alie(direction=1, ddof=1) searches the same family: given ByzFL's tau as its one factor
+    it sends ByzFL's rows, and its own grid does at least as much damage to the defence as ByzFL's search
+    up to the grid's spacing (the damage is |rule(stack) - honest mean|)."""
+    atk, agg = byzfl_module("attacks"), byzfl_module("aggregators")
+    honest = _stack(10, 50, seed=4)[:10]
+    f = 3
+    theirs = atk.Optimal_ALittleIsEnough(agg=agg.TrMean(f=f), pre_agg_list=[], f=f)(honest.copy())
+    m, sd1 = honest.mean(0), honest.std(0, ddof=1)
+    tau = float(np.median((theirs - m) / sd1))
+    np.testing.assert_allclose(theirs, m + tau * sd1, rtol=1e-9, atol=1e-12)
+    assert tau >= 0
+
+    def ours(**hp):
+        rows = flagjax.attacks.attack(
+            "optimal_alie", jnp.asarray(honest), f=f, key=jax.random.key(0), rule="trimmed_mean", **hp
+        )
+        return np.asarray(rows)
+
+    np.testing.assert_allclose(ours(direction=1, ddof=1, factors=(tau,))[0], theirs, rtol=1e-9, atol=1e-12)
+
+    def damage(row):
+        stack = jnp.asarray(np.concatenate([honest, np.repeat(row[None], f, 0)]))
+        return float(np.linalg.norm(np.asarray(flagjax.aggregate("trimmed_mean", stack, f=f)) - m))
+
+    assert damage(ours(direction=1, ddof=1)[0]) >= 0.95 * damage(theirs)
+    # the default searches mu - t sigma (population sigma): another family
+    default = ours()[0]
+    t0 = np.median((m - default) / honest.std(0))
+    np.testing.assert_allclose(default, m - t0 * honest.std(0), rtol=1e-9, atol=1e-12)
+    with pytest.raises(ValueError, match="direction must be -1"):
+        ours(direction=0)
