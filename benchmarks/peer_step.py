@@ -12,8 +12,11 @@ trimmed mean, sign flipping, worker momentum 0.9, lr 0.1, on random 28 x 28 imag
 CNN (registered into ByzFL as a torch module) and ByzFL's ``cnn_mnist`` (flagjax's port ``CnnMnist``).
 
 Also the pieces behind flagjax's figure, each a ratio in this run: forward + backward of the 250 images as
-one batch (torch and JAX), the vmapped per-worker gradients of 10 x 25 images, with Flax's
-``nn.max_pool`` and with the reshape max-pool the models now use (``flagjax.models.max_pool_2x2``).
+one batch (torch and JAX) and as 10 workers x 25 images (JAX: vmapped, or one gradient program per worker;
+torch: one worker after the other), for the paper CNN as first written (Flax's ``nn.Conv`` and
+``nn.max_pool``), with the reshape max-pool (``flagjax.models.max_pool_2x2``), and as it is now
+(``flagjax.models.Conv``, whose CPU form is a GEMM on the image's shifted views for the one-channel input
+and a GEMM + col2im input gradient otherwise).
 Every timing is a median over repeats after warm-up, the setups of one table timed round-robin.
 """
 
@@ -68,75 +71,106 @@ def synthetic(n=3000, seed=0):
 
 
 def step_setups(model: str, byzfl_model: str, ds) -> dict:
-    """{'flagjax': fn, 'ByzFL': fn}: one training step each, blocking."""
-    cfg = train.TrainConfig(
-        dataset="synthetic",
-        model=model,
-        num_workers=10,
-        num_byzantine=3,
-        attack="signflip",
-        rule="trimmed_mean",
-        steps=10_000,
-        num_devices=1,
-        **peer_byzfl.BYZFL_OPTIMISATION,
-    )
-    su = train.setup(cfg, ds)
-    box = {"state": su.state, "i": 0}
+    """{'flagjax': fn, 'flagjax vmap': fn, 'ByzFL': fn}: one training step each, blocking. 'flagjax' is the
+    default (``worker_grads="auto"``: one gradient program per worker on CPU for these convolutional models),
+    'flagjax vmap' the workers' gradients as one vmapped program (the default before)."""
+    out = {}
+    for label, mode in (("flagjax", "auto"), ("flagjax vmap", "vmap")):
+        cfg = train.TrainConfig(
+            dataset="synthetic",
+            model=model,
+            num_workers=10,
+            num_byzantine=3,
+            attack="signflip",
+            rule="trimmed_mean",
+            steps=10_000,
+            num_devices=1,
+            worker_grads=mode,
+            **peer_byzfl.BYZFL_OPTIMISATION,
+        )
+        su = train.setup(cfg, ds)
+        box = {"state": su.state, "i": 0}
 
-    def fx():
-        x, y = su.batch(box["i"])
-        box["i"] += 1
-        box["state"], m = su.step(box["state"], x, y)
-        jax.block_until_ready(m)
+        def fx(su=su, box=box):
+            x, y = su.batch(box["i"])
+            box["i"] += 1
+            box["state"], m = su.step(box["state"], x, y)
+            jax.block_until_ready(m)
+
+        out[label] = fx
 
     spec = {"agg": {"name": "TrMean", "parameters": {"f": 3}}, "pre": [], "attack": "SignFlipping"}
     clients, byz, server = peer_byzfl.byzfl_training(cfg, spec, ds, model_name=byzfl_model)
-    return {"flagjax": fx, "ByzFL": lambda: peer_byzfl.byzfl_step(clients, byz, server)}
+    return {**out, "ByzFL": lambda: peer_byzfl.byzfl_step(clients, byz, server)}
 
 
 class _PoolCNN(nn.Module):
-    """The paper CNN with Flax's reduce_window max-pool (what PaperCNN used before max_pool_2x2)."""
+    """The paper CNN as it was first written: Flax's nn.Conv and reduce_window max-pool."""
+
+    pool: str = "reduce_window"
 
     @nn.compact
     def __call__(self, x, train: bool = False):
-        x = nn.relu(nn.max_pool(nn.Conv(10, (5, 5), padding="VALID")(x), (2, 2), (2, 2)))
-        x = nn.relu(nn.max_pool(nn.Conv(20, (5, 5), padding="VALID")(x), (2, 2), (2, 2)))
+        pool = (lambda x: nn.max_pool(x, (2, 2), (2, 2))) if self.pool == "reduce_window" else models.max_pool_2x2
+        x = nn.relu(pool(nn.Conv(10, (5, 5), padding="VALID")(x)))
+        x = nn.relu(pool(nn.Conv(20, (5, 5), padding="VALID")(x)))
         x = nn.relu(nn.Dense(50)(x.reshape(x.shape[0], -1)))
         return nn.Dense(10)(x)
 
 
 def piece_setups() -> dict:
-    """Forward + backward of 250 images (one batch; and 10 workers x 25 vmapped) for the paper CNN with
-    each max-pool, and torch's one-batch forward + backward of the same network."""
+    """Forward + backward of 250 images for the paper CNN as written before and now: one batch, 10 workers
+    x 25 images vmapped, and 10 x 25 as one gradient program per worker (``worker_grads="loop"``, the CPU
+    default for convolutional models); torch's one batch and its 10 x 25 one after the other (as ByzFL's
+    clients)."""
     import torch
 
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.uniform(size=(10, 25, 28, 28, 1)).astype(np.float32))
     y = jnp.asarray(rng.integers(0, 10, (10, 25)).astype(np.int32))
     out = {}
-    for label, mdl in (("nn.max_pool", _PoolCNN()), ("max_pool_2x2", models.PaperCNN())):
+    variants = (
+        ("nn.Conv, nn.max_pool", _PoolCNN(), ("one", "vmap")),
+        ("nn.Conv, max_pool_2x2", _PoolCNN(pool="reshape"), ("vmap", "loop")),
+        ("PaperCNN (models.Conv, max_pool_2x2)", models.PaperCNN(), ("one", "vmap", "loop")),
+    )
+    for label, mdl, kinds in variants:
         params = mdl.init(jax.random.key(0), x[0])["params"]
 
         def loss(p, xb, yb, mdl=mdl):
             return optax.softmax_cross_entropy_with_integer_labels(mdl.apply({"params": p}, xb), yb).mean()
 
-        one = jax.jit(jax.grad(loss))
-        per = jax.jit(jax.vmap(jax.grad(loss), in_axes=(None, 0, 0)))
-        xb, yb = x.reshape(250, 28, 28, 1), y.reshape(250)
-        out[f"JAX one batch, {label}"] = lambda one=one, params=params, xb=xb, yb=yb: jax.block_until_ready(
-            one(params, xb, yb)
-        )
-        out[f"JAX 10 x 25 vmapped, {label}"] = lambda per=per, params=params: jax.block_until_ready(per(params, x, y))
+        g = jax.grad(loss)
+        fns = {
+            "one": (
+                f"JAX one batch, {label}",
+                jax.jit(lambda p, x, y, g=g: g(p, x.reshape(250, 28, 28, 1), y.reshape(250))),
+            ),
+            "vmap": (f"JAX 10 x 25 vmapped, {label}", jax.jit(jax.vmap(g, in_axes=(None, 0, 0)))),
+            "loop": (
+                f"JAX 10 x 25 one program per worker, {label}",
+                jax.jit(lambda p, x, y, g=g: [g(p, x[i], y[i]) for i in range(x.shape[0])]),
+            ),
+        }
+        for kind in kinds:
+            name, fn = fns[kind]
+            out[name] = lambda fn=fn, params=params: jax.block_until_ready(fn(params, x, y))
     peer_byzfl.register_paper_cnn()
     net = peer_byzfl.byzfl_module("fed_framework.models").paper_cnn()
-    tx = torch.from_numpy(np.asarray(x).reshape(250, 28, 28, 1).transpose(0, 3, 1, 2).copy())
-    ty = torch.from_numpy(np.asarray(y).reshape(250).astype(np.int64))
+    tx = torch.from_numpy(np.asarray(x).transpose(0, 1, 4, 2, 3).copy())
+    ty = torch.from_numpy(np.asarray(y).astype(np.int64))
 
     def torch_fb():
         net.zero_grad()
-        torch.nn.functional.nll_loss(net(tx), ty).backward()
+        torch.nn.functional.nll_loss(net(tx.reshape(250, 1, 28, 28)), ty.reshape(250)).backward()
+
+    def torch_workers():
+        for i in range(10):
+            net.zero_grad()
+            torch.nn.functional.nll_loss(net(tx[i]), ty[i]).backward()
 
     out["torch one batch"] = torch_fb
+    out["torch 10 x 25 one after the other"] = torch_workers
     return out
 
 
@@ -153,7 +187,7 @@ def main(argv=None):
     rows = []
     for model, bmodel in (("cnn", "paper_cnn"), ("cnn_mnist", "cnn_mnist")):
         t = round_robin(step_setups(model, bmodel, ds), rounds, block=10)
-        rows.append((model, t["flagjax"], t["ByzFL"]))
+        rows.append((model, t["flagjax"], t["flagjax vmap"], t["ByzFL"]))
         print(model, {k: round(v, 2) for k, v in t.items()}, flush=True)
     pieces = round_robin(piece_setups(), rounds, block=5)
     print({k: round(v, 2) for k, v in pieces.items()}, flush=True)
@@ -174,9 +208,13 @@ def main(argv=None):
         "the two libraries' blocks alternating.",
         "Target (issue 16): flagjax / ByzFL <= 1.0 for both models.",
         "",
-        "| model | flagjax ms/step | ByzFL ms/step | flagjax / ByzFL |",
-        "|---|---|---|---|",
-        *[f"| {m} | {a:.1f} | {b:.1f} | {a / b:.2f} |" for m, a, b in rows],
+        "`flagjax`: the default step (on CPU one gradient program per worker for these convolutional models,",
+        '`worker_grads="auto"`); `flagjax vmap`: the workers\' gradients as one vmapped program',
+        '(`worker_grads="vmap"`, the default before).',
+        "",
+        "| model | flagjax ms/step | flagjax vmap ms/step | ByzFL ms/step | flagjax / ByzFL | flagjax vmap / ByzFL |",
+        "|---|---|---|---|---|---|",
+        *[f"| {m} | {a:.1f} | {v:.1f} | {b:.1f} | {a / b:.2f} | {v / b:.2f} |" for m, a, v, b in rows],
         "",
         "Forward + backward of the paper CNN on 250 images (ms):",
         "",

@@ -9,16 +9,17 @@ gradients, not statistics). Models without BatchNorm have an empty ``batch_stats
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from functools import partial
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 from flagjax.registry import Registry
 
-__all__ = ["PaperCNN", "CnnMnist", "MLP", "ResNet18", "make_model", "max_pool_2x2", "MODELS"]
+__all__ = ["PaperCNN", "CnnMnist", "MLP", "ResNet18", "Conv", "conv_valid", "make_model", "max_pool_2x2", "MODELS"]
 
 
 def max_pool_2x2(x: jax.Array) -> jax.Array:
@@ -35,6 +36,88 @@ def max_pool_2x2(x: jax.Array) -> jax.Array:
     n, h, w, c = x.shape
     x = x[:, : h - h % 2, : w - w % 2]
     return jnp.max(x.reshape(n, h // 2, 2, w // 2, 2, c), axis=(2, 4))
+
+
+_DN = ("NHWC", "HWIO", "NHWC")
+
+
+def _conv_xla(x, kernel):
+    return lax.conv_general_dilated(x, kernel, (1, 1), "VALID", dimension_numbers=_DN)
+
+
+def _conv_one_channel(x, kernel):
+    """A one-channel image's VALID convolution as one GEMM: the k*k shifted views of the image stacked on
+    a leading axis (contiguous copies) times the (k*k, C) kernel, then back to NHWC. Its weight gradient
+    is a plain GEMM too."""
+    n, h, w, _ = x.shape
+    kh, kw, _, c = kernel.shape
+    ho, wo = h - kh + 1, w - kw + 1
+    views = jnp.stack([x[:, i : i + ho, j : j + wo, 0] for i in range(kh) for j in range(kw)])  # (kh kw, n, ho, wo)
+    y = lax.dot_general(
+        kernel.reshape(kh * kw, c), views, (((0,), (0,)), ((), ())), precision=lax.Precision.HIGHEST
+    )  # (c, n, ho, wo)
+    return jnp.transpose(y, (1, 2, 3, 0))
+
+
+@jax.custom_vjp
+def _conv_matmul_dx(x, kernel):
+    return _conv_xla(x, kernel)
+
+
+def _conv_matmul_dx_fwd(x, kernel):
+    return _conv_xla(x, kernel), (x, kernel)
+
+
+def _conv_matmul_dx_bwd(res, dy):
+    """Input gradient as a GEMM with the kernel (every output's k*k*C_in patch gradient) folded back onto
+    the input by k*k shifted adds (col2im), instead of the padded full convolution XLA emits, which
+    multiplies (k - 1)-wide zero borders too; weight gradient: XLA's."""
+    x, kernel = res
+    kh, kw, cin, cout = kernel.shape
+    n, ho, wo, _ = dy.shape
+    dp = jnp.dot(dy, kernel.reshape(kh * kw * cin, cout).T, precision=lax.Precision.HIGHEST)
+    dp = dp.reshape(n, ho, wo, kh, kw, cin)
+    pad = lambda i, j: ((0, 0), (i, kh - 1 - i), (j, kw - 1 - j), (0, 0))  # noqa: E731
+    dx = sum(jnp.pad(dp[:, :, :, i, j], pad(i, j)) for i in range(kh) for j in range(kw))
+    _, vjp_kernel = jax.vjp(lambda k: _conv_xla(x, k), kernel)
+    return dx, vjp_kernel(dy)[0]
+
+
+_conv_matmul_dx.defvjp(_conv_matmul_dx_fwd, _conv_matmul_dx_bwd)
+
+
+def _conv_cpu(x, kernel):
+    return _conv_one_channel(x, kernel) if x.shape[-1] == 1 else _conv_matmul_dx(x, kernel)
+
+
+def conv_valid(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """VALID, stride-1 2-D convolution (cross-correlation, as ``nn.Conv``): x (N, H, W, C_in) float,
+    kernel (kh, kw, C_in, C_out) -> (N, H - kh + 1, W - kw + 1, C_out); y[n, h, w, c] =
+    sum_{i, j, d} x[n, h + i, w + j, d] kernel[i, j, d, c].
+
+    On CPU it is written for XLA:CPU's fast paths, with the same values up to float rounding
+    (tests/test_models.py): a one-channel input as one GEMM on its shifted views, otherwise XLA's
+    convolution forward with a GEMM + col2im input gradient. Elsewhere XLA's convolution. The paper CNN
+    uses it (its per-worker forward + backward: benchmarks/results/peer_step.md); ``cnn_mnist`` keeps
+    ``nn.Conv``, whose per-worker gradients measured faster than this form's (89 vs 97 ms for 7 x 25
+    images, both as one program per worker, one loaded core)."""
+    return lax.platform_dependent(x, kernel, cpu=_conv_cpu, default=_conv_xla)
+
+
+class Conv(nn.Module):
+    """``nn.Conv(features, kernel_size, padding="VALID")`` computed by :func:`conv_valid`: the same
+    parameters (``kernel`` (kh, kw, C_in, features), ``bias`` (features,)), initialisers and values."""
+
+    features: int
+    kernel_size: tuple[int, int] = (5, 5)
+    kernel_init: Callable = nn.initializers.lecun_normal()
+    bias_init: Callable = nn.initializers.zeros_init()
+
+    @nn.compact
+    def __call__(self, x):
+        kernel = self.param("kernel", self.kernel_init, (*self.kernel_size, x.shape[-1], self.features))
+        bias = self.param("bias", self.bias_init, (self.features,))
+        return conv_valid(x, kernel) + bias
 
 
 def _torch_kernel_init():
@@ -61,9 +144,9 @@ class PaperCNN(nn.Module):
 
     @nn.compact
     def __call__(self, x, train: bool = False):
-        x = nn.Conv(10, (5, 5), padding="VALID")(x)
+        x = Conv(10, name="Conv_0")(x)
         x = nn.relu(max_pool_2x2(x))
-        x = nn.Conv(20, (5, 5), padding="VALID")(x)
+        x = Conv(20, name="Conv_1")(x)
         x = nn.relu(max_pool_2x2(x))
         x = x.reshape(x.shape[0], -1)
         x = nn.relu(nn.Dense(50)(x))

@@ -37,6 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from jax import lax
+from jax.extend.core import jaxprs_in_params
 from jax.flatten_util import ravel_pytree
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -98,6 +99,10 @@ class StepConfig:
         A missing row is sent as NaN, i.e. treated as Byzantine input: robust rules zero or drop it
         (FA gives it weight 0), so the declared f must cover attackers plus expected dropouts; the
         mean is poisoned (documented: it is not robust).
+      worker_grads: how a device computes its workers' gradients: "vmap" (one batched program),
+        "loop" (one gradient program per worker, unrolled in the step: the same numbers up to float
+        rounding) or "auto" (the default: "loop" on CPU devices for a model with a convolution and at
+        most :data:`LOOP_MAX_WORKERS` workers per device, "vmap" otherwise; see :func:`use_worker_loop`).
     """
 
     num_workers: int
@@ -112,6 +117,38 @@ class StepConfig:
     lv_map: Any = None
     num_classes: int = 10
     drop_prob: float = 0.0
+    worker_grads: str = "auto"
+
+
+WORKER_GRADS = ("auto", "vmap", "loop")
+#: "auto" loops over at most this many workers per device (the step's program grows with each one)
+LOOP_MAX_WORKERS = 16
+
+
+def _has_convolution(jaxpr) -> bool:
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "conv_general_dilated":
+            return True
+        for sub in jaxprs_in_params(eqn.params):
+            if _has_convolution(sub):
+                return True
+    return False
+
+
+def use_worker_loop(mode: str, platform: str, workers: int, fn: Callable, *example) -> bool:
+    """Whether a device computes its ``workers`` per-worker gradients ``fn(*example)`` one program per
+    worker ("loop") rather than as one vmapped program. ``mode`` "auto" loops on CPU when ``fn`` has a
+    convolution and ``workers <= LOOP_MAX_WORKERS``: XLA:CPU runs a vmapped convolution's per-worker
+    weight gradient as one grouped convolution, which is slow, while the unrolled workers' plain
+    convolutions run as independent programs across the cores (the paper CNN's 15 workers' gradients:
+    2.2x faster; an MLP's: 1.3x slower, so it keeps vmap; benchmarks/results/peer_step.md)."""
+    if mode not in WORKER_GRADS:
+        raise ValueError(f"worker_grads must be one of {WORKER_GRADS}; got {mode!r}")
+    if mode != "auto":
+        return mode == "loop"
+    if platform != "cpu" or workers > LOOP_MAX_WORKERS or workers < 2:
+        return False
+    return _has_convolution(jax.make_jaxpr(fn)(*example).jaxpr)
 
 
 class TrainState(NamedTuple):
@@ -351,6 +388,7 @@ def build_step(
     D = ravel_pytree(params_template)[0].shape[0]
     Ds = -(-D // n)
     beta = float(cfg.worker_momentum)
+    platform = mesh.devices.flat[0].platform
 
     def loss_fn(params, stats, x, y):
         has_bn = bool(jax.tree_util.tree_leaves(stats))
@@ -370,7 +408,11 @@ def build_step(
         device = lax.axis_index(AXIS) if device is None else device
         widx = device * pl + jnp.arange(pl)
         x, y = _data_attack(cfg, x, y, widx, step_keys(key)["data"])
-        (loss, (new_stats, acc)), g = jax.vmap(grad_fn, in_axes=(None, None, 0, 0))(params, stats, x, y)
+        if use_worker_loop(cfg.worker_grads, platform, x.shape[0], grad_fn, params, stats, x[0], y[0]):
+            outs = [grad_fn(params, stats, x[i], y[i]) for i in range(x.shape[0])]
+            (loss, (new_stats, acc)), g = jax.tree.map(lambda *a: jnp.stack(a), *outs)
+        else:
+            (loss, (new_stats, acc)), g = jax.vmap(grad_fn, in_axes=(None, None, 0, 0))(params, stats, x, y)
         rows = jax.vmap(lambda t: ravel_pytree(t)[0])(g)
         if beta > 0:
             mom = beta * mom + (1 - beta) * rows

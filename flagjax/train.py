@@ -99,7 +99,9 @@ class TrainConfig:
     diverges even without attackers), ``drop_prob`` (stragglers: a missing row is treated as Byzantine, sent as
     NaN). Aggregation: ``rule`` (e.g. "flag", "nnm+krum") with ``rule_hparams`` (``center="previous"``
     centres a rule with a ``center`` argument, e.g. centered clipping, on the previous aggregate),
-    ``layout`` ("server"/"sharded"), ``num_devices`` (0 = the most devices that divide p).
+    ``layout`` ("server"/"sharded"), ``num_devices`` (0 = the most devices that divide p), ``worker_grads``
+    ("auto", "vmap" or "loop": how a device computes its workers' gradients, the same numbers up to float
+    rounding; :class:`flagjax.parallel.StepConfig`).
     Optimisation: ``optimizer`` (any optax name; "sgd" uses ``momentum``), ``lr``, ``weight_decay``,
     step schedule ``lr_decay`` every ``lr_decay_epochs`` epochs (the paper: x0.2 every 10),
     ``batch_size`` per worker, ``steps``.
@@ -134,6 +136,7 @@ class TrainConfig:
     rule_hparams: dict = dataclasses.field(default_factory=dict)
     layout: str = "server"
     num_devices: int = 0
+    worker_grads: str = "auto"
     optimizer: str = "sgd"
     lr: float = 0.05
     momentum: float = 0.9
@@ -231,6 +234,8 @@ class TrainConfig:
             bad("weight_decay", self.weight_decay, "must be >= 0")
         if not 0 <= self.drop_prob < 1:
             bad("drop_prob", self.drop_prob, "must be in [0, 1)")
+        if self.worker_grads not in parallel.WORKER_GRADS:
+            bad("worker_grads", self.worker_grads, f"allowed: {', '.join(parallel.WORKER_GRADS)}")
         if not 0 <= self.worker_momentum < 1:
             bad("worker_momentum", self.worker_momentum, "must be in [0, 1)")
         if self.batch_size < 1:
@@ -535,6 +540,7 @@ def step_config(cfg: TrainConfig, num_classes: int, image_hw: tuple[int, int]) -
         lv_map=lv_map,
         num_classes=num_classes,
         drop_prob=cfg.drop_prob,
+        worker_grads=cfg.worker_grads,
     )
 
 

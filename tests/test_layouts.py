@@ -7,11 +7,12 @@ passes every Byzantine value straight into the update, so any difference in the 
 """
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.flatten_util import ravel_pytree
 
-from flagjax import attacks, parallel, train
+from flagjax import attacks, models, parallel, train
 from tests.helpers import DS, small_config
 
 GRADIENT_ATTACKS = attacks.names(data_level=False)
@@ -79,3 +80,31 @@ def test_step_keys_are_distinct_and_named():
 def test_offset_is_refused_for_whole_row_attacks():
     with pytest.raises(ValueError, match="separable"):
         attacks.attack("minmax", np.ones((4, 10), np.float32), f=2, key=jax.random.key(0), offset=3)
+
+
+@pytest.mark.parametrize("layout,n", [("server", 1), ("sharded", 2)])
+def test_worker_gradient_loop_equals_vmap(tmp_path, layout, n):
+    """``worker_grads="loop"`` (one gradient program per worker, the CPU default for convolutional models)
+    and ``"vmap"`` train the same numbers up to float rounding, in both layouts."""
+    kw = dict(model="cnn", num_workers=4, num_byzantine=1, attack="alie", rule="trimmed_mean", layout=layout)
+    ref = _run(tmp_path, worker_grads="vmap", num_devices=n, **kw)
+    for mode in ("loop", "auto"):
+        _same(ref, _run(tmp_path, worker_grads=mode, num_devices=n, **kw), 1e-5)
+
+
+def test_worker_loop_choice(tmp_path):
+    """ "auto" loops on CPU for a model with a convolution and at most LOOP_MAX_WORKERS workers per device."""
+    x = jnp.ones((2, 28, 28, 1))
+    for name, conv in (("cnn", True), ("mlp", False)):
+        m = models.make_model(name, 10)
+        v = m.init(jax.random.key(0), x)
+        fn = jax.grad(lambda p, m=m, v=v: m.apply({**v, "params": p}, x).sum())
+        assert parallel.use_worker_loop("auto", "cpu", 8, fn, v["params"]) is conv
+        assert not parallel.use_worker_loop("auto", "gpu", 8, fn, v["params"])
+        assert not parallel.use_worker_loop("auto", "cpu", parallel.LOOP_MAX_WORKERS + 1, fn, v["params"])
+        assert parallel.use_worker_loop("loop", "gpu", 8, fn, v["params"])
+        assert not parallel.use_worker_loop("vmap", "cpu", 8, fn, v["params"])
+    with pytest.raises(ValueError, match="worker_grads must be one of"):
+        parallel.use_worker_loop("unrolled", "cpu", 8, fn, v["params"])
+    with pytest.raises(train.ConfigError, match="worker_grads"):
+        small_config(tmp_path, worker_grads="unrolled").validate()

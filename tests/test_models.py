@@ -105,3 +105,50 @@ def test_paper_cnn_parameter_gradients_unchanged_by_the_pooling(x64):
     np.testing.assert_allclose(
         np.asarray(grads(models.PaperCNN())), np.asarray(grads(Reference())), rtol=1e-9, atol=1e-12
     )
+
+
+def _conv_reference(x, k):
+    """Direct float64 loops: y[n, h, w, c] = sum_{i, j, d} x[n, h + i, w + j, d] k[i, j, d, c]."""
+    kh, kw = k.shape[:2]
+    ho, wo = x.shape[1] - kh + 1, x.shape[2] - kw + 1
+    y = np.zeros((x.shape[0], ho, wo, k.shape[3]))
+    for i in range(kh):
+        for j in range(kw):
+            y += np.einsum("nhwd,dc->nhwc", x[:, i : i + ho, j : j + wo], k[i, j])
+    return y
+
+
+@pytest.mark.parametrize("shape,kshape", [((3, 12, 10, 1), (5, 5, 1, 4)), ((2, 9, 11, 3), (3, 4, 3, 5))])
+def test_conv_valid_against_direct_loops(x64, shape, kshape):
+    """``conv_valid`` (the CPU's GEMM forms: one-channel views, GEMM + col2im input gradient) equals direct
+    float64 loops in value, and its input and kernel gradients equal the loops' adjoints."""
+    rng = np.random.default_rng(sum(shape))
+    x, k = rng.normal(size=shape), rng.normal(size=kshape)
+    y = models.conv_valid(jnp.asarray(x), jnp.asarray(k))
+    np.testing.assert_allclose(np.asarray(y), _conv_reference(x, k), rtol=1e-12, atol=1e-12)
+    c = rng.normal(size=y.shape)
+    dx, dk = jax.grad(lambda x, k: jnp.sum(models.conv_valid(x, k) * c), argnums=(0, 1))(jnp.asarray(x), jnp.asarray(k))
+    # adjoints by the reference's linearity: <c, conv(e_x, k)> for each unit input, and the same for k
+    kh, kw = kshape[:2]
+    ho, wo = y.shape[1:3]
+    ref_dk = np.stack(
+        [np.stack([np.einsum("nhwd,nhwc->dc", x[:, i : i + ho, j : j + wo], c) for j in range(kw)]) for i in range(kh)]
+    )
+    ref_dx = np.zeros_like(x)
+    for i in range(kh):
+        for j in range(kw):
+            ref_dx[:, i : i + ho, j : j + wo] += np.einsum("nhwc,dc->nhwd", c, k[i, j])
+    np.testing.assert_allclose(np.asarray(dk), ref_dk, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(np.asarray(dx), ref_dx, rtol=1e-12, atol=1e-12)
+    # under vmap (a batch of workers or runs) as well
+    yv = jax.vmap(models.conv_valid, in_axes=(0, None))(jnp.asarray(np.stack([x, 2 * x])), jnp.asarray(k))
+    np.testing.assert_allclose(np.asarray(yv[1]), 2 * _conv_reference(x, k), rtol=1e-12, atol=1e-12)
+
+
+def test_conv_module_is_flax_conv():
+    """``models.Conv`` has nn.Conv's parameters, initial values and outputs (float32 rounding)."""
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 14, 14, 3)), jnp.float32)
+    ours, ref = models.Conv(6), nn.Conv(6, (5, 5), padding="VALID")
+    p_ours, p_ref = ours.init(jax.random.key(3), x), ref.init(jax.random.key(3), x)
+    assert jax.tree.all(jax.tree.map(lambda a, b: bool(jnp.array_equal(a, b)), p_ours, p_ref))
+    np.testing.assert_allclose(np.asarray(ours.apply(p_ours, x)), np.asarray(ref.apply(p_ref, x)), rtol=1e-5, atol=1e-5)
