@@ -5,6 +5,8 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 DEVICES ?= 8
+# pytest-xdist workers (one per core, at most this many: each holds its own JAX and 8 simulated devices)
+TEST_PROCS ?= 4
 
 .PHONY: venv data run demo test lint bench clean
 
@@ -31,7 +33,7 @@ lint: venv
 	$(VENV)/bin/ruff format --check flagjax tests benchmarks $(wildcard experiments notebooks scripts)
 
 test: lint
-	XLA_FLAGS=--xla_force_host_platform_device_count=$(DEVICES) $(PY) -m pytest -q tests
+	XLA_FLAGS=--xla_force_host_platform_device_count=$(DEVICES) $(PY) -m pytest -q -n auto --maxprocesses=$(TEST_PROCS) --dist worksteal tests
 
 bench: venv
 	$(PY) benchmarks/aggregation.py
