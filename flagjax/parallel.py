@@ -137,11 +137,20 @@ def _has_convolution(jaxpr) -> bool:
 
 def use_worker_loop(mode: str, platform: str, workers: int, fn: Callable, *example) -> bool:
     """Whether a device computes its ``workers`` per-worker gradients ``fn(*example)`` one program per
-    worker ("loop") rather than as one vmapped program. ``mode`` "auto" loops on CPU when ``fn`` has a
-    convolution and ``workers <= LOOP_MAX_WORKERS``: XLA:CPU runs a vmapped convolution's per-worker
-    weight gradient as one grouped convolution, which is slow, while the unrolled workers' plain
-    convolutions run as independent programs across the cores (the paper CNN's 15 workers' gradients:
-    2.2x faster; an MLP's: 1.3x slower, so it keeps vmap; benchmarks/results/peer_step.md)."""
+    worker ("loop") rather than as one vmapped program.
+
+    ``mode`` "auto" loops on CPU when ``fn`` has a convolution and 2 <= ``workers`` <= LOOP_MAX_WORKERS:
+    XLA:CPU runs a vmapped convolution's per-worker weight gradient as one grouped convolution, which is
+    slow, while the unrolled workers' plain convolutions run as independent programs across the cores
+    (the paper CNN's 10 workers x 25 images: 50.8 -> 29.6 ms, benchmarks/results/peer_step.md; an MLP's
+    gradients were slower unrolled, so it keeps vmap: docs/guide.md, "Against ByzFL's training loop").
+
+    Args:
+      mode: "auto", "vmap" or "loop" (:data:`WORKER_GRADS`). platform: the device's platform, e.g. "cpu".
+      workers: the number of workers on the device. fn: one worker's gradient function.
+      example: arguments of one worker's ``fn`` (arrays or tracers; only their shapes are used, to
+        trace ``fn`` for a convolution when ``mode`` is "auto").
+    """
     if mode not in WORKER_GRADS:
         raise ValueError(f"worker_grads must be one of {WORKER_GRADS}; got {mode!r}")
     if mode != "auto":
