@@ -23,6 +23,7 @@ Every timing is a median over repeats after warm-up, the setups of one table tim
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import platform
 import statistics
@@ -74,21 +75,20 @@ def step_setups(model: str, byzfl_model: str, ds) -> dict:
     """{'flagjax': fn, 'flagjax vmap': fn, 'ByzFL': fn}: one training step each, blocking. 'flagjax' is the
     default (``worker_grads="auto"``: one gradient program per worker on CPU for these convolutional models),
     'flagjax vmap' the workers' gradients as one vmapped program (the default before)."""
+    cfg = train.TrainConfig(
+        dataset="synthetic",
+        model=model,
+        num_workers=10,
+        num_byzantine=3,
+        attack="signflip",
+        rule="trimmed_mean",
+        steps=10_000,
+        num_devices=1,
+        **peer_byzfl.BYZFL_OPTIMISATION,
+    )
     out = {}
     for label, mode in (("flagjax", "auto"), ("flagjax vmap", "vmap")):
-        cfg = train.TrainConfig(
-            dataset="synthetic",
-            model=model,
-            num_workers=10,
-            num_byzantine=3,
-            attack="signflip",
-            rule="trimmed_mean",
-            steps=10_000,
-            num_devices=1,
-            worker_grads=mode,
-            **peer_byzfl.BYZFL_OPTIMISATION,
-        )
-        su = train.setup(cfg, ds)
+        su = train.setup(dataclasses.replace(cfg, worker_grads=mode), ds)
         box = {"state": su.state, "i": 0}
 
         def fx(su=su, box=box):
