@@ -138,20 +138,23 @@ def _fold_cpu(x, k, first_block, seed):
         acc = lax.dynamic_update_slice_in_dim(acc, cur + blk, shifts[t], axis=1)
         return acc, n2 + jnp.sum(blk * blk, axis=1)
 
-    def rows(xr):
-        q = xr.shape[0]
-        carry = (jnp.zeros((q, 2 * k), xr.dtype), jnp.zeros((q,), xr.dtype))
+    def rows(g):
+        # the group's blocks are sliced from x itself: a (rb, m) copy of each group first would be one
+        # more pass over the whole stack (p = 256, d = 2e5, k = 1024: 27 -> 24 ms)
+        r0 = g * rb
+        carry = (jnp.zeros((rb, 2 * k), x.dtype), jnp.zeros((rb,), x.dtype))
         if nfull:
-            body = lambda c, t: (add(c, lax.dynamic_slice_in_dim(xr, t * k, k, axis=1), t), None)  # noqa: E731
+            body = lambda c, t: (add(c, lax.dynamic_slice(x, (r0, t * k), (rb, k)), t), None)  # noqa: E731
             carry, _ = lax.scan(body, carry, jnp.arange(nfull), unroll=max(1, min(nfull, _CPU_UNROLL)))
         if rem:
-            carry = add(carry, jnp.pad(xr[:, nfull * k :], ((0, 0), (0, k - rem))), nfull)
+            tail = lax.dynamic_slice(x, (r0, nfull * k), (rb, rem))
+            carry = add(carry, jnp.pad(tail, ((0, 0), (0, k - rem))), nfull)
         acc, n2 = carry
         return acc[:, :k] + acc[:, k:], n2
 
     if rb == p:
-        return rows(x)
-    S, n2 = lax.map(rows, x.reshape(p // rb, rb, m))
+        return rows(0)
+    S, n2 = lax.map(rows, jnp.arange(p // rb))
     return S.reshape(p, k), n2.reshape(p)
 
 
