@@ -325,14 +325,6 @@ def _basis_coeffs_eigh(geo: _Geometry, a: jax.Array, b: jax.Array | None, r: int
     return _dot(F, U) * inv[None, :]
 
 
-# From this rank on, a Cholesky pass applies its factor as the inverse of the r x r factor (a triangular
-# solve on r right-hand sides) and one GEMM rather than a triangular solve on the 2p right-hand sides
-# [C; KC]: LAPACK's solve is the loop's slowest call there (XLA:CPU, whole solve at p = 256, r = 129 on
-# a sketched Gram matrix: 43 -> 30 ms), while below it the solve is one call fewer (p = 15 / 60: about
-# 10% faster; crossover between r = 41 and 51, benchmarks/aggregation.py's solver rows).
-_INVERSE_RANK = 48
-
-
 def _cholesky_pass(C, KC, *, shift, drop):
     """One Cholesky-QR pass in the metric K (see :func:`_cholesky_qr`)."""
     dtype = C.dtype
@@ -346,15 +338,9 @@ def _cholesky_pass(C, KC, *, shift, drop):
     L = jnp.linalg.cholesky(Gs)
     if drop is not None:
         live = live & (jnp.diagonal(L) ** 2 > drop)
-    both = jnp.concatenate([C, KC], axis=0)
-    r = C.shape[1]
-    if r >= _INVERSE_RANK:
-        # C diag(s) L^-T as one GEMM with the r x r factor's inverse (a solve on r right-hand sides)
-        Linv = lax.linalg.triangular_solve(L, jnp.eye(r, dtype=dtype), left_side=True, lower=True)
-        both = _dot(both, jnp.where(live[None, :], s[:, None] * Linv.T, 0))
-    else:
-        both = jax.scipy.linalg.solve_triangular(L, (both * s[None, :]).T, lower=True).T
-        both = jnp.where(live[None, :], both, 0)
+    both = jnp.concatenate([C, KC], axis=0) * s[None, :]
+    both = jax.scipy.linalg.solve_triangular(L, both.T, lower=True).T
+    both = jnp.where(live[None, :], both, 0)
     p = C.shape[0]
     return both[:p], both[p:], jnp.all(jnp.isfinite(L))
 

@@ -184,9 +184,8 @@ def test_rank_deficient_and_duplicate_rows(x64):
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_rank_deficient_at_large_rank(x64, dtype):
-    """p = 100 points spanning 20 dimensions with r = 51 (past the rank where a Cholesky pass applies the
-    inverse of its factor by a GEMM instead of a triangular solve): every point lies in the subspace
-    (ratios 1), the columns past the rank are zero and the others orthonormal, as on the small path."""
+    """p = 100 points spanning 20 dimensions with r = 51: every point lies in the subspace (ratios 1),
+    the columns past the rank are zero and the others orthonormal, in float32 as in float64."""
     rng = np.random.default_rng(11)
     g = rng.normal(size=(100, 20)) @ rng.normal(size=(20, 300))
     sol = flag_median(jnp.asarray(g, dtype), 51, max_iters=3)
@@ -194,7 +193,7 @@ def test_rank_deficient_at_large_rank(x64, dtype):
     assert np.all(np.isfinite(B))
     nz = np.linalg.norm(B, axis=0) > 0.5
     assert nz.sum() == 20
-    tol = 5e-4 if dtype == np.float32 else 1e-9  # float32: 1.3e-4 measured on both paths
+    tol = 5e-4 if dtype == np.float32 else 1e-9  # float32: 1.3e-4 measured
     np.testing.assert_allclose(B[:, nz].T @ B[:, nz], np.eye(20), atol=tol)
     np.testing.assert_allclose(sol.ratios, 1.0, atol=tol)
 
