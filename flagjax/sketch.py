@@ -139,8 +139,9 @@ def _fold_cpu(x, k, first_block, seed):
         return acc, n2 + jnp.sum(blk * blk, axis=1)
 
     def rows(g):
-        # the group's blocks are sliced from x itself: a (rb, m) copy of each group first would be one
-        # more pass over the whole stack (p = 256, d = 2e5, k = 1024: 27 -> 24 ms)
+        # the group's blocks are sliced from x itself: a (rb, m) copy of each group first is one more pass
+        # over the whole stack (p = 256, d = 2e5, k = 1024: 27 -> 24 ms in one A/B run, which is within this
+        # machine's run-to-run spread; benchmarks/results/sketch.md)
         r0 = g * rb
         carry = (jnp.zeros((rb, 2 * k), x.dtype), jnp.zeros((rb,), x.dtype))
         if nfull:
