@@ -12,7 +12,8 @@ TEST_PROCS ?= 4
 
 venv: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+# (setup.py compiles the CPU kernels in flagjax/csrc: a change there reinstalls)
+$(VENV)/.installed: pyproject.toml setup.py $(wildcard flagjax/csrc/*.cc)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[test]'

@@ -374,8 +374,8 @@ _OBJECTIVES = ("distance", "cosine")
 
 def _autodiff_rule_hparams(rule: str, rule_hparams) -> dict:
     """The defence's hyperparameters for differentiating through it: FA's default solver picks a Pallas
-    kernel on NVIDIA GPUs, which has no reverse-mode rule; the same loop written in XLA ops
-    (``method="subspace_xla"``) is used instead (it is what the default runs on every other platform)."""
+    kernel on NVIDIA GPUs and a compiled kernel on CPU, which have no reverse-mode rule; the same loop
+    written in XLA ops (``method="subspace_xla"``) is used instead."""
     hp = dict(rule_hparams or {})
     if aggregators.parse_spec(rule)[0] == "flag":
         hp.setdefault("method", "subspace_xla")

@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from flagjax import solver_kernel
+from flagjax import native, solver_kernel
 
 __all__ = [
     "FlagSolution",
@@ -441,7 +441,7 @@ def _reorthonormalise(K: jax.Array, C: jax.Array) -> jax.Array:
     return _canonical_signs(C, KC)
 
 
-METHODS = ("subspace", "subspace_xla", "pallas", "eigh")
+METHODS = ("subspace", "subspace_xla", "pallas", "native", "eigh")
 INNER_ITERS = 2  #: default subspace iterations per IRLS step (warm-started)
 START_ITERS = 8  #: default subspace iterations for the flag-mean start (from a fixed Gaussian block)
 
@@ -538,11 +538,13 @@ def solve_gram(
       eigenvalues, as for honest gradients that differ by noise) the iterates follow another path than
       exact IRLS: measured, the objective ends within -5% .. +4% of the exact path's (lower about as
       often as higher) and the aggregate mostly agrees to cosine > 0.9999, but not always (0.977 to
-      the honest mean on the demo's honest rows, against 0.9996 exactly). On an NVIDIA GPU, with
-      lam a Python 0 and p <= :data:`flagjax.solver_kernel.MAX_P`, the same loop runs as one Pallas
-      kernel (:mod:`flagjax.solver_kernel`), elsewhere as the XLA loop.
-    * ``method="subspace_xla"``: the XLA loop everywhere; ``method="pallas"``: the kernel everywhere
-      (interpreted on CPU, which is slow: for tests).
+      the honest mean on the demo's honest rows, against 0.9996 exactly). With lam a Python 0 the
+      same loop runs as one call: on an NVIDIA GPU with p <= :data:`flagjax.solver_kernel.MAX_P` a
+      Pallas kernel (:mod:`flagjax.solver_kernel`), on CPU with p <= :data:`flagjax.native.SOLVE_MAX_P`
+      the compiled kernel (:func:`flagjax.native.flag_solve`, when built); elsewhere the XLA loop.
+    * ``method="subspace_xla"``: the XLA loop everywhere; ``method="pallas"``: the Pallas kernel
+      everywhere (interpreted on CPU, which is slow: for tests); ``method="native"``: the compiled CPU
+      kernel at any p (CPU only, lam a Python 0).
     * ``method="eigh"``: the exact reference, ``eigh`` calls per step (one for W^1/2 when the
       pairwise term is on, one for the p x p matrix S = W^1/2 K W^1/2).
 
@@ -576,9 +578,32 @@ def solve_gram(
             f"method='pallas' runs lam = 0 (a Python 0, so the pairwise term is left out) and p <= "
             f"{solver_kernel.MAX_P}; got lam {'traced or non-zero' if pairwise else '0'} and p = {p}"
         )
+    native_ok = not pairwise and native.available()
+    if method == "native" and not native_ok:
+        why = native.unavailable_reason() or "lam must be a Python 0 (the kernel leaves the pairwise term out)"
+        raise ValueError(f"method='native' runs the compiled CPU kernel: {why}")
     # the kernel branch is traced only where a GPU is the default backend: tracing it costs about a
     # second per compiled program, which a CPU-only process would pay for nothing
     gpu = jax.default_backend() == "gpu"
+    if method == "native" or (method == "subspace" and native_ok and p <= native.SOLVE_MAX_P and not gpu):
+        kw = dict(max_iters=max_iters, inner_iters=inner_iters, start_iters=start_iters, shift=shift)
+
+        def compiled(K, valid, C0, eps, tol):
+            C, KC, ratios, weights, obj, trace, steps, converged, ok = native.flag_solve(K, valid, C0, eps, tol, **kw)
+            # as after the XLA loop: the last exact pass left C K-orthonormal, else re-orthonormalise
+            C = lax.cond(ok, _canonical_signs, lambda C, _: _reorthonormalise(K, C), C, KC)
+            return C, ratios, weights, obj, trace, steps, converged
+
+        args = (K, valid, warm_start_block(K, valid, r, start), eps, tol)
+        if method == "native":
+            return compiled(*args)
+
+        # "subspace": the compiled kernel on CPU, the XLA loop below elsewhere (same algorithm)
+        def xla_loop(*_):
+            opts = dict(inner_iters=inner_iters, start_iters=start_iters, pairwise=pairwise, start=start)
+            return solve_gram(K, valid, lam, eps, tol, r=r, max_iters=max_iters, method="subspace_xla", **opts)
+
+        return lax.platform_dependent(*args, cpu=compiled, default=xla_loop)
     if method == "pallas" or (method == "subspace" and kernel_ok and gpu):
         kw = dict(r=r, max_iters=max_iters, inner_iters=inner_iters, start_iters=start_iters, shift=shift)
         args = (K, valid, warm_start_block(K, valid, r, start), eps, tol)

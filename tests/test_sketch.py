@@ -250,3 +250,48 @@ def test_sketched_rules_take_nonfinite_and_huge_rows_as_input(rule):
     G[2] = 1e37
     out = flagjax.aggregate(rule, jnp.asarray(G), f=3, key=jax.random.key(0), sketch=256)
     assert np.all(np.isfinite(np.asarray(out))), rule
+
+
+def test_native_kernels_are_built():
+    """`pip install` / `make venv` compiles flagjax/csrc (setup.py); without a C++17 compiler the CPU
+    falls back to the XLA scan, and this test says so."""
+    from flagjax import native
+
+    assert native.available(), native.unavailable_reason()
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
+@pytest.mark.parametrize(("p", "d", "k"), [(7, 1000, 64), (9, 50, 64), (16, 4096, 256), (1, 130, 64)])
+def test_native_fold_is_the_scan_bit_for_bit(x64, dtype, p, d, k):
+    """Partial last blocks, a single short block, p not a multiple of the kernel's row group."""
+    G = jnp.asarray(np.random.default_rng(p + d).normal(size=(p, d)), dtype)
+    for seed in (0, 2**32 - 1):
+        S_n, n2_n = sketch.sketch_and_norms(G, k, seed=seed, method="native")
+        S_s, n2_s = sketch.sketch_and_norms(G, k, seed=seed, method="scan")
+        assert S_n.dtype == dtype and S_n.shape == (p, k)
+        np.testing.assert_array_equal(np.asarray(S_n), np.asarray(S_s))
+        tol = 1e-5 if dtype == jnp.float32 else 1e-13
+        np.testing.assert_allclose(np.asarray(n2_n), np.asarray(n2_s), rtol=tol)
+
+
+def test_native_fold_batches_and_differentiates_like_the_scan(x64):
+    """vmap over stacks and seeds (the kernel loops over the batch), jit, and derivatives: forward and
+    reverse mode go through the XLA fold of the tangent (the sketch is linear, the norms quadratic)."""
+    d, k = 700, 64
+    G = jnp.asarray(np.random.default_rng(3).normal(size=(3, 5, d)))
+    seeds = jnp.arange(3, dtype=jnp.uint32)
+    fn = lambda m: jax.jit(jax.vmap(lambda g, s: sketch.sketch_and_norms(g, k, seed=s, method=m)))  # noqa: E731
+    for a, b in zip(fn("native")(G, seeds), fn("scan")(G, seeds), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-12)
+    one = [sketch.sketch_and_norms(G[i], k, seed=i, method="native")[0] for i in range(3)]
+    np.testing.assert_array_equal(np.asarray(fn("native")(G, seeds)[0]), np.stack([np.asarray(o) for o in one]))
+
+    def loss(g, m):
+        S, n2 = sketch.sketch_and_norms(g, k, seed=4, method=m)
+        return jnp.sum(jnp.sin(S)) + jnp.sum(jnp.sqrt(n2))
+
+    x = G[0]
+    np.testing.assert_allclose(jax.grad(loss)(x, "native"), jax.grad(loss)(x, "scan"), rtol=1e-12)
+    v = jnp.ones_like(x)
+    jvp = lambda m: jax.jvp(lambda g: loss(g, m), (x,), (v,))[1]  # noqa: E731
+    np.testing.assert_allclose(jvp("native"), jvp("scan"), rtol=1e-12)

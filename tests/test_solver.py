@@ -320,7 +320,7 @@ def _primitives(jaxpr, out=None):
     return out
 
 
-@pytest.mark.parametrize("method", ["subspace_xla", "pallas", "eigh"])
+@pytest.mark.parametrize("method", ["subspace", "subspace_xla", "pallas", "native", "eigh"])
 def test_fixed_trip_counts_and_no_eigendecomposition(method):
     """No loop with a data-dependent predicate (a while_loop copies it to the host every iteration on a
     GPU): every loop has a static trip count (scan). The default's paths call no eigh."""
@@ -366,6 +366,63 @@ def test_pallas_kernel_vmaps_over_stacks():
         assert projector_distance(B1, B2) < 1e-3
 
 
+@pytest.mark.parametrize(
+    "p,bad,dtype", [(5, False, "float32"), (40, True, "float32"), (64, True, "float64"), (100, False, "float64")]
+)
+def test_native_kernel_is_the_xla_loop(x64, p, bad, dtype):
+    """The compiled CPU solver (flagjax.native.flag_solve, the default on CPU for p <= SOLVE_MAX_P and lam a
+    Python 0) against the XLA loop: the same steps, other rounding (an explicit inverse of each Cholesky
+    factor instead of a triangular solve); p = 100 runs the kernel's runtime-width path."""
+    rng = np.random.default_rng(p)
+    g = rng.normal(size=500)[None] + rng.normal(size=(p, 500))
+    if bad:
+        g[1] = np.nan
+        g[2] = 0.0
+    r = (p + 2) // 2
+    G = jnp.asarray(g, dtype)
+    a = flag_median(G, r, method="subspace_xla")
+    b = flag_median(G, r, method="native")
+    assert b.basis.dtype == G.dtype
+    tight = dtype == "float64"
+    dist = projector_distance(np.asarray(a.basis, np.float64), np.asarray(b.basis, np.float64))
+    assert dist < (1e-9 if tight else 1e-3)
+    np.testing.assert_allclose(float(a.objective), float(b.objective), rtol=1e-9 if tight else 5e-3)
+    np.testing.assert_allclose(a.ratios, b.ratios, atol=1e-9 if tight else 3e-4)
+    # a weight is (1 - ratio + eps)^-1/2: compare 1 / weight^2, which float32 rounding moves as it moves the ratios
+    w = [np.asarray(x, np.float64) for x in (a.weights, b.weights)]
+    wa, wb = (np.where(x > 0, 1 / np.where(x > 0, x, 1) ** 2, 0) for x in w)
+    np.testing.assert_allclose(wa, wb, atol=1e-9 if tight else 3e-4)
+    np.testing.assert_allclose(a.trace, b.trace, rtol=1e-9 if tight else 5e-3)
+    assert abs(int(a.num_steps) - int(b.num_steps)) <= (0 if tight else 1)
+    assert int(a.status) == int(b.status) or not tight
+    np.testing.assert_array_equal(a.valid, b.valid)
+    B = np.asarray(b.basis, np.float64)  # orthonormal, zero columns past the rank
+    eye = np.diag((np.linalg.norm(B, axis=0) > 0.5).astype(float))
+    np.testing.assert_allclose(B.T @ B, eye, atol=1e-9 if tight else 1e-5)
+
+
+def test_native_kernel_is_the_default_on_cpu_and_vmaps_exactly():
+    """Dispatch: the default runs the compiled kernel for p <= SOLVE_MAX_P with lam a Python 0, and the XLA
+    loop above that p or with a traced lam (the pairwise term); a vmapped batch gives each stack's numbers
+    exactly."""
+    from flagjax import native
+
+    def calls_kernel(p, pairwise=False):
+        fn = lambda K, v, lam: solver.solve_gram(K, v, lam, r=2, pairwise=pairwise)  # noqa: E731
+        return "ffi_call" in _primitives(jax.make_jaxpr(fn)(jnp.eye(p), jnp.ones(p, bool), 0.0).jaxpr)
+
+    assert calls_kernel(15) and calls_kernel(native.SOLVE_MAX_P)
+    assert not calls_kernel(native.SOLVE_MAX_P + 1)
+    assert not calls_kernel(15, pairwise=True)
+    rng = np.random.default_rng(11)
+    gs = jnp.asarray(rng.normal(size=(3, 6, 40)) + rng.normal(size=40), jnp.float32)
+    batched = jax.jit(jax.vmap(lambda g: flag_median(g, 3, max_iters=4)))(gs)
+    for i in range(3):
+        one = flag_median(gs[i], 3, max_iters=4)
+        np.testing.assert_array_equal(np.asarray(batched.basis[i]), np.asarray(one.basis))
+        np.testing.assert_array_equal(np.asarray(batched.trace[i]), np.asarray(one.trace))
+
+
 def test_method_errors_name_the_argument():
     g = jnp.ones((6, 4)) + jnp.eye(6, 4)
     with pytest.raises(ValueError, match="method must be one of"):
@@ -374,3 +431,5 @@ def test_method_errors_name_the_argument():
         flag_median(g, 2, inner_iters=0)
     with pytest.raises(ValueError, match="method='pallas' runs lam = 0"):
         flag_median(g, 2, lam=0.5, method="pallas")
+    with pytest.raises(ValueError, match="method='native' runs the compiled CPU kernel"):
+        flag_median(g, 2, lam=0.5, method="native")

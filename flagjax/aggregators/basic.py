@@ -120,8 +120,9 @@ def flag_with_info(
       eps: IRLS smoothing (traced).
       output: "code" or "paper", see above (static).
       method, inner_iters, start_iters: static solver options (:func:`flagjax.solver.solve_gram`):
-        "subspace" (default: no eigendecomposition; one Pallas kernel on NVIDIA GPUs when lam is a
-        Python 0 and p <= 64), "subspace_xla", "pallas", or "eigh" (the exact reference).
+        "subspace" (default: no eigendecomposition; when lam is a Python 0 and p <= 64, one Pallas
+        kernel on NVIDIA GPUs and one compiled kernel on CPU), "subspace_xla", "pallas", "native", or
+        "eigh" (the exact reference).
       sketch: static int; 0 (default) solves from the exact Gram matrix, k > 0 from the sketched one
         (:func:`flagjax.sketch.sketched_gram`: exact norms, cosines from a k-column count sketch, one
         pass over the stack instead of the O(p^2 d) product; the output is still an exact combination
