@@ -332,16 +332,21 @@ def test_fixed_trip_counts_and_no_eigendecomposition(method):
     assert ("eigh" in prims) == (method == "eigh")
 
 
+def _kernel_stack(p, d, bad):
+    """(p, d) correlated rows, with a NaN row and a zero row when ``bad``, and the default rank."""
+    rng = np.random.default_rng(p)
+    g = rng.normal(size=d)[None] + rng.normal(size=(p, d))
+    if bad:
+        g[1] = np.nan
+        g[2] = 0.0
+    return g, (p + 2) // 2
+
+
 @pytest.mark.parametrize("p,bad", [(5, False), (40, True)])
 def test_pallas_kernel_is_the_xla_loop(p, bad):
     """The one-kernel solver (run by the Pallas interpreter here) against the XLA loop it replaces on GPUs:
     the same iterates to float32 rounding, invalid rows included."""
-    rng = np.random.default_rng(p)
-    g = rng.normal(size=300)[None] + rng.normal(size=(p, 300))
-    if bad:
-        g[1] = np.nan
-        g[2] = 0.0
-    r = (p + 2) // 2
+    g, r = _kernel_stack(p, 300, bad)
     a = flag_median(jnp.asarray(g, jnp.float32), r, method="subspace_xla")
     b = flag_median(jnp.asarray(g, jnp.float32), r, method="pallas")
     assert projector_distance(np.asarray(a.basis, np.float64), np.asarray(b.basis, np.float64)) < 1e-3
@@ -373,12 +378,7 @@ def test_native_kernel_is_the_xla_loop(x64, p, bad, dtype):
     """The compiled CPU solver (flagjax.native.flag_solve, the default on CPU for p <= SOLVE_MAX_P and lam a
     Python 0) against the XLA loop: the same steps, other rounding (an explicit inverse of each Cholesky
     factor instead of a triangular solve); p = 100 runs the kernel's runtime-width path."""
-    rng = np.random.default_rng(p)
-    g = rng.normal(size=500)[None] + rng.normal(size=(p, 500))
-    if bad:
-        g[1] = np.nan
-        g[2] = 0.0
-    r = (p + 2) // 2
+    g, r = _kernel_stack(p, 500, bad)
     G = jnp.asarray(g, dtype)
     a = flag_median(G, r, method="subspace_xla")
     b = flag_median(G, r, method="native")

@@ -182,6 +182,8 @@ typedef float VecF32x8 __attribute__((vector_size(32), aligned(4), may_alias));
 typedef float VecF32x16 __attribute__((vector_size(64), aligned(4), may_alias));
 typedef double VecF64x4 __attribute__((vector_size(32), aligned(8), may_alias));
 typedef double VecF64x8 __attribute__((vector_size(64), aligned(8), may_alias));
+// (one specialisation each, a repetition kept on purpose: through std::conditional_t GCC ignores the
+// typedefs' attributes, the alignment of 4 / 8 among them, and the kernels crashed in the tests)
 template <typename T, int B>
 struct VecOf;
 template <>
