@@ -34,7 +34,7 @@ lint: venv
 	$(VENV)/bin/ruff format --check flagjax tests benchmarks $(wildcard experiments notebooks scripts)
 
 test: lint
-	XLA_FLAGS=--xla_force_host_platform_device_count=$(DEVICES) $(PY) -m pytest -q -n auto --maxprocesses=$(TEST_PROCS) --dist worksteal tests
+	XLA_FLAGS=--xla_force_host_platform_device_count=$(DEVICES) $(PY) -m pytest -q -n auto --maxprocesses=$(TEST_PROCS) --dist worksteal --durations=20 tests
 
 bench: venv
 	$(PY) benchmarks/aggregation.py
