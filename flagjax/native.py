@@ -3,11 +3,13 @@
 ``pip install`` (and ``make venv``) compiles them with the machine's C++17 compiler into the extension
 ``flagjax._cpu_kernels`` (setup.py); this module loads that library and registers its handlers for
 the "cpu" platform. Without a compiler the build is skipped, :func:`available` is False, and every
-caller keeps its pure-XLA path (the same numbers; see docs/guide.md, "Native CPU kernels").
+caller keeps its pure-XLA path (the same algorithms, equal up to float rounding; see docs/guide.md,
+"Native CPU kernels").
 
 Why a kernel: XLA:CPU runs a loop of small ops as one library call or fused loop per op, each with a
-fixed cost of about a microsecond; a pass that needs thousands of them (the count sketch's
-block-by-block fold, benchmarks/results/sketch.md) is bound by that cost, not by memory.
+fixed cost of about a microsecond. FA's p x p IRLS (about forty ops per step;
+benchmarks/results/aggregation_solver.md) and the count sketch's block-by-block fold (thousands of
+ops per pass; benchmarks/results/sketch.md) are bound by that cost, not by arithmetic or memory.
 """
 
 from __future__ import annotations
