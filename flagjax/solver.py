@@ -585,39 +585,35 @@ def solve_gram(
     # the kernel branch is traced only where a GPU is the default backend: tracing it costs about a
     # second per compiled program, which a CPU-only process would pay for nothing
     gpu = jax.default_backend() == "gpu"
-    if method == "native" or (method == "subspace" and native_ok and p <= native.SOLVE_MAX_P and not gpu):
-        kw = dict(max_iters=max_iters, inner_iters=inner_iters, start_iters=start_iters, shift=shift)
-
-        def compiled(K, valid, C0, eps, tol):
-            C, KC, ratios, weights, obj, trace, steps, converged, ok = native.flag_solve(K, valid, C0, eps, tol, **kw)
-            # as after the XLA loop: the last exact pass left C K-orthonormal, else re-orthonormalise
-            C = lax.cond(ok, _canonical_signs, lambda C, _: _reorthonormalise(K, C), C, KC)
-            return C, ratios, weights, obj, trace, steps, converged
-
+    cpu_kernel = method == "native" or (method == "subspace" and native_ok and p <= native.SOLVE_MAX_P and not gpu)
+    gpu_kernel = method == "pallas" or (method == "subspace" and kernel_ok and gpu)
+    if cpu_kernel or gpu_kernel:
         args = (K, valid, warm_start_block(K, valid, r, start), eps, tol)
-        if method == "native":
-            return compiled(*args)
+        iters = dict(max_iters=max_iters, inner_iters=inner_iters, start_iters=start_iters, shift=shift)
 
-        # "subspace": the compiled kernel on CPU, the XLA loop below elsewhere (same algorithm)
+        # "subspace" off the kernel's platform: the XLA loop below (same algorithm)
         def xla_loop(*_):
             opts = dict(inner_iters=inner_iters, start_iters=start_iters, pairwise=pairwise, start=start)
             return solve_gram(K, valid, lam, eps, tol, r=r, max_iters=max_iters, method="subspace_xla", **opts)
 
-        return lax.platform_dependent(*args, cpu=compiled, default=xla_loop)
-    if method == "pallas" or (method == "subspace" and kernel_ok and gpu):
-        kw = dict(r=r, max_iters=max_iters, inner_iters=inner_iters, start_iters=start_iters, shift=shift)
-        args = (K, valid, warm_start_block(K, valid, r, start), eps, tol)
-        kernel = lambda *a: solver_kernel.solve_gram_kernel(*a, **kw)  # noqa: E731
+        if cpu_kernel:
+
+            def compiled(K, valid, C0, eps, tol):
+                C, KC, ratios, weights, obj, trace, steps, converged, ok = native.flag_solve(
+                    K, valid, C0, eps, tol, **iters
+                )
+                # as after the XLA loop: the last exact pass left C K-orthonormal, else re-orthonormalise
+                C = lax.cond(ok, _canonical_signs, lambda C, _: _reorthonormalise(K, C), C, KC)
+                return C, ratios, weights, obj, trace, steps, converged
+
+            if method == "native":
+                return compiled(*args)
+            return lax.platform_dependent(*args, cpu=compiled, default=xla_loop)
+        kernel = lambda *a: solver_kernel.solve_gram_kernel(*a, r=r, **iters)  # noqa: E731
         if method == "pallas":  # everywhere; interpreted on CPU (tests)
-            interpreted = lambda *a: solver_kernel.solve_gram_kernel(*a, **kw, interpret=True)  # noqa: E731
+            interpreted = lambda *a: solver_kernel.solve_gram_kernel(*a, r=r, **iters, interpret=True)  # noqa: E731
             return lax.platform_dependent(*args, cpu=interpreted, default=kernel)
-
-        # "subspace": the kernel on NVIDIA GPUs, the XLA loop below elsewhere (same algorithm)
-        def loop(*_):
-            opts = dict(inner_iters=inner_iters, start_iters=start_iters, pairwise=pairwise, start=start)
-            return solve_gram(K, valid, lam, eps, tol, r=r, max_iters=max_iters, method="subspace_xla", **opts)
-
-        return lax.platform_dependent(*args, cuda=kernel, default=loop)
+        return lax.platform_dependent(*args, cuda=kernel, default=xla_loop)
     geo = _geometry(K, valid)
     a0 = valid.astype(dtype)
     b0 = jnp.where(geo.pair_ok, _pair_coef(lam, p, dtype), 0) if pairwise else None

@@ -15,16 +15,15 @@
 // on (never for a task that has not started), so a pool whose threads are all busy cannot deadlock.
 
 #include <algorithm>
-#include <cmath>
-#include <limits>
-#include <vector>
 #include <atomic>
+#include <cmath>
 #include <condition_variable>
 #include <cstdint>
 #include <functional>
+#include <limits>
 #include <memory>
 #include <mutex>
-#include <tuple>
+#include <vector>
 
 #include "xla/ffi/api/ffi.h"
 
@@ -106,12 +105,14 @@ ffi::Error CountSketch(ffi::ThreadPool pool, ffi::Buffer<DT> x, ffi::Buffer<DT> 
   using T = ffi::NativeType<DT>;
   const auto xd = x.dimensions();
   const auto sd = S->dimensions();
-  if (xd.size() < 2 || sd.size() != xd.size()) return ffi::Error::InvalidArgument("x must be (..., p, m), S (..., p, k)");
+  if (xd.size() < 2 || sd.size() != xd.size())
+    return ffi::Error::InvalidArgument("x must be (..., p, m), S (..., p, k)");
   const int64_t p = xd[xd.size() - 2], m = xd[xd.size() - 1], k = sd[sd.size() - 1];
   const int64_t nb = (m + k - 1) / k;
   int64_t batch = 1;
   for (size_t i = 0; i + 2 < xd.size(); ++i) batch *= xd[i];
-  if (signs.element_count() != batch * nb * k || shifts.element_count() != batch * nb)
+  const int64_t n_signs = signs.element_count(), n_shifts = shifts.element_count();
+  if (n_signs != batch * nb * k || n_shifts != batch * nb)
     return ffi::Error::InvalidArgument("signs must be (..., ceil(m / k), k) and shifts (..., ceil(m / k))");
   if (batch == 0 || p == 0) return ffi::Error::Success();
   const int64_t groups = (p + kRows - 1) / kRows;
@@ -210,8 +211,9 @@ using Vec = typename VecOf<T, kVecBytes<T, N>>::type;
 template <typename T, int64_t N>
 constexpr int64_t kVecLanes = kVecBytes<T, N> / sizeof(T);
 
-// o[0:n] = init[0:n] (or 0) + sum_{a < m} coef[a * cs] * rows[a * rs + 0:n], n a multiple of kPad; with N = n known at compile time the accumulators stay in registers (two sets, even and odd a,
-// so that consecutive multiply-adds do not wait on each other)
+// o[0:n] = init[0:n] (or 0) + sum_{a < m} coef[a * cs] * rows[a * rs + 0:n], n a multiple of kPad; with
+// N = n known at compile time the accumulators stay in registers (two sets, even and odd a, so that
+// consecutive multiply-adds do not wait on each other)
 template <typename T, int64_t N>
 inline void Combo(int64_t n_rt, int64_t m, const T* __restrict coef, int64_t cs, const T* __restrict rows, int64_t rs,
                   const T* __restrict init, T* __restrict o) {
@@ -298,8 +300,9 @@ struct Solver {
   }
 
   // One Cholesky-QR pass in the K metric (solver._cholesky_pass): (C, KC) <- (C, KC) diag(s) L^-T on the
-  // live columns, zero elsewhere (C left as it was when !need_c), with L L^T the equilibrated, shifted C^T K C. Returns whether the
-  // factor exists (false: C and KC are NaN, as jnp.linalg.cholesky's NaN factor makes them).
+  // live columns, zero elsewhere (C left as it was when !need_c), with L L^T the equilibrated, shifted
+  // C^T K C. Returns whether the factor exists (false: C and KC are NaN, as jnp.linalg.cholesky's NaN
+  // factor makes them).
   bool Pass(T* __restrict C, T* __restrict KC, T sh, T drop, bool use_drop, bool need_c = true) {
     const int64_t n = RC ? RC : R;
     T* __restrict g = G.data();
@@ -406,13 +409,13 @@ struct Solver {
   }
 };
 
-struct Outputs {
+struct Options {
   int64_t max_iters, inner_iters, start_iters;
   double shift;
 };
 
 template <typename T, int64_t RC>
-void Run(const Outputs& o, int64_t p, int64_t r, int64_t R, const T* K, const T* valid, const T* C0, T eps, T tol,
+void Run(const Options& o, int64_t p, int64_t r, int64_t R, const T* K, const T* valid, const T* C0, T eps, T tol,
          T* C_out, T* KC_out, T* ratios_out, T* weights_out, T* trace, T* stat) {
   Solver<T, RC> sv(p, R, K, valid, static_cast<T>(o.shift));
   R = sv.R;
@@ -427,22 +430,15 @@ void Run(const Outputs& o, int64_t p, int64_t r, int64_t R, const T* K, const T*
   trace[0] = obj;
   int64_t steps = 0;
   bool converged = false;
-  std::vector<T> C2(p * R), KC2(p * R), ratios2(p), next2(p);
+  // each step's state replaces the last one's (the XLA loop's select keeps the new state on the step that
+  // converges), and once converged no step runs, so the state is updated in place
   for (int64_t t = 0; t < o.max_iters && !converged; ++t) {
-    C2 = C;
-    KC2 = KC;
-    const bool ok2 = sv.Solve(next_a.data(), C2.data(), KC2.data(), o.inner_iters);
-    const T obj2 = sv.Evaluate(KC2.data(), eps, ratios2.data(), next2.data());
-    const T dec = (obj - obj2) / std::max(std::abs(obj), sv.tiny);
-    C.swap(C2);
-    KC.swap(KC2);
-    ok = ok2;
     weights = next_a;
-    obj = obj2;
-    ratios.swap(ratios2);
-    next_a.swap(next2);
+    ok = sv.Solve(weights.data(), C.data(), KC.data(), o.inner_iters);
+    const T next_obj = sv.Evaluate(KC.data(), eps, ratios.data(), next_a.data());
+    converged = (obj - next_obj) / std::max(std::abs(obj), sv.tiny) < tol;
+    obj = next_obj;
     trace[++steps] = obj;
-    converged = dec < tol;
   }
   for (int64_t i = 0; i < p; ++i) {
     std::copy(C.begin() + i * R, C.begin() + i * R + r, C_out + i * r);
@@ -465,33 +461,31 @@ ffi::Error FlagSolve(ffi::Buffer<DT> K, ffi::Buffer<DT> valid, ffi::Buffer<DT> C
   using T = ffi::NativeType<DT>;
   const auto kd = K.dimensions();
   const auto cd = C0.dimensions();
-  if (kd.size() < 2 || cd.size() != kd.size()) return ffi::Error::InvalidArgument("K must be (..., p, p), C0 (..., p, r)");
+  if (kd.size() < 2 || cd.size() != kd.size())
+    return ffi::Error::InvalidArgument("K must be (..., p, p), C0 (..., p, r)");
   const int64_t p = kd[kd.size() - 1], r = cd[cd.size() - 1];
   if (p == 0 || r == 0) return ffi::Error::Success();
   const int64_t batch = K.element_count() / (p * p);
   if (inner_iters < 1 || start_iters < 1 || max_iters < 0) return ffi::Error::InvalidArgument("bad iteration counts");
-  const Outputs o{max_iters, inner_iters, start_iters, shift};
+  const Options o{max_iters, inner_iters, start_iters, shift};
   const int64_t R = (r + kPad - 1) / kPad * kPad, tl = max_iters + 1;
+  auto run = Run<T, 0>;  // the padded rank as a compile-time constant up to 64
+  switch (R) {
+    case 8: run = Run<T, 8>; break;
+    case 16: run = Run<T, 16>; break;
+    case 24: run = Run<T, 24>; break;
+    case 32: run = Run<T, 32>; break;
+    case 40: run = Run<T, 40>; break;
+    case 48: run = Run<T, 48>; break;
+    case 56: run = Run<T, 56>; break;
+    case 64: run = Run<T, 64>; break;
+    default: break;
+  }
   for (int64_t b = 0; b < batch; ++b) {
     const T eps = prm.typed_data()[b * 2], tol = prm.typed_data()[b * 2 + 1];
-    auto args = std::make_tuple(K.typed_data() + b * p * p, valid.typed_data() + b * p, C0.typed_data() + b * p * r,
-                                eps, tol, C_out->typed_data() + b * p * r, KC_out->typed_data() + b * p * r,
-                                ratios_out->typed_data() + b * p, weights_out->typed_data() + b * p,
-                                trace_out->typed_data() + b * tl, stat_out->typed_data() + b * 4);
-    auto run = [&](auto fn) {
-      std::apply([&](auto... a) { fn(o, p, r, R, a...); }, args);
-    };
-    switch (R) {
-      case 8: run(Run<T, 8>); break;
-      case 16: run(Run<T, 16>); break;
-      case 24: run(Run<T, 24>); break;
-      case 32: run(Run<T, 32>); break;
-      case 40: run(Run<T, 40>); break;
-      case 48: run(Run<T, 48>); break;
-      case 56: run(Run<T, 56>); break;
-      case 64: run(Run<T, 64>); break;
-      default: run(Run<T, 0>); break;
-    }
+    run(o, p, r, R, K.typed_data() + b * p * p, valid.typed_data() + b * p, C0.typed_data() + b * p * r, eps, tol,
+        C_out->typed_data() + b * p * r, KC_out->typed_data() + b * p * r, ratios_out->typed_data() + b * p,
+        weights_out->typed_data() + b * p, trace_out->typed_data() + b * tl, stat_out->typed_data() + b * 4);
   }
   return ffi::Error::Success();
 }
